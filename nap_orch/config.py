@@ -1,0 +1,91 @@
+"""Settings, read once from the environment (every knob is an ``NAP_*`` variable)."""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass, field, fields
+from pathlib import Path
+
+MiB = 1024 * 1024
+
+
+def _bool(value: str) -> bool:
+    return value.strip().lower() in {"1", "true", "yes", "on"}
+
+
+def _range(value: str) -> tuple[int, int]:
+    low, _, high = value.partition("-")
+    lo, hi = int(low), int(high or low)
+    if not (0 < lo <= hi < 65536):
+        raise ValueError(f"bad port range {value!r}")
+    return lo, hi
+
+
+@dataclass(frozen=True)
+class Settings:
+    """Everything configurable. ``Settings.from_env()`` reads ``NAP_<FIELD>`` for each field."""
+
+    home: Path = field(default_factory=lambda: Path(os.path.expanduser("~/nap")))
+    redis_url: str = "redis://127.0.0.1:6379/0"
+    # etcd endpoints "host:port[,host:port...]"; empty means: keep the keys in Redis instead.
+    etcd: str = ""
+    engine: str = "local"
+    # Prefix of every Redis key the platform owns (jobs, events, users, queue): lets tests share a server.
+    namespace: str = "nap"
+    allow_local_sources: bool = False
+    max_download: int = 512 * MiB
+    max_extract: int = 2048 * MiB
+    max_files: int = 20000
+    download_timeout: float = 300.0
+    port_range: tuple[int, int] = (20000, 29999)
+    max_count: int = 1000
+    max_mpi_hosts: int = 16
+    mpi_wait_timeout: float = 60.0
+    restart_limit: int = 5
+    stop_timeout: float = 10.0
+    agent_socket: str = ""
+    admin_token: str = ""
+    host: str = "127.0.0.1"
+    api_port: int = 8470
+    # Slurm engine
+    slurm_partition: str = ""
+    slurm_bin: str = ""
+
+    @classmethod
+    def from_env(cls, env: dict[str, str] | None = None, **overrides) -> "Settings":
+        env = os.environ if env is None else env
+        values: dict = {}
+        for f in fields(cls):
+            raw = env.get("NAP_" + f.name.upper())
+            if raw is None or raw == "":
+                continue
+            if f.name == "home":
+                values[f.name] = Path(raw).expanduser()
+            elif f.name == "port_range":
+                values[f.name] = _range(raw)
+            elif f.type in ("int",):
+                values[f.name] = int(raw)
+            elif f.type in ("float",):
+                values[f.name] = float(raw)
+            elif f.type in ("bool",):
+                values[f.name] = _bool(raw)
+            else:
+                values[f.name] = raw
+        values.update(overrides)
+        return cls(**values)
+
+    @property
+    def services_dir(self) -> Path:
+        return self.home / "services"
+
+    @property
+    def apps_dir(self) -> Path:
+        return self.home / "apps"
+
+    @property
+    def agent_dir(self) -> Path:
+        return self.home / "agent"
+
+    @property
+    def agent_socket_path(self) -> str:
+        return self.agent_socket or str(self.home / "agent.sock")

@@ -1,0 +1,83 @@
+"""The engine seam: "run these units somewhere", fleet's old role.
+
+An engine receives rendered units (``UnitSpec``), runs exactly what they say, and reports per-instance
+status. Adding an engine is adding one module beside this one.
+"""
+
+from __future__ import annotations
+
+import abc
+from dataclasses import asdict, dataclass, field
+from typing import AsyncIterator
+
+# Instance states, as users see them.
+STARTING, RUNNING, EXITED, FAILED, STOPPED = "starting", "running", "exited", "failed", "stopped"
+
+
+@dataclass
+class UnitSpec:
+    """One rendered unit: ``name`` is the instance name (no ``.service``), ``text`` the unit file."""
+
+    name: str
+    text: str
+
+
+@dataclass
+class InstanceStatus:
+    name: str
+    state: str  # starting | running | exited | failed | stopped
+    host: str | None = None
+    pid: int | None = None
+    exit_code: int | None = None
+    restarts: int = 0
+    since: float | None = None
+    message: str = ""
+    extra: dict = field(default_factory=dict)
+
+    def to_json(self) -> dict:
+        return asdict(self)
+
+
+class Engine(abc.ABC):
+    """What every engine provides. Names are instance names (``alice_web_common@3``)."""
+
+    name = "base"
+
+    async def open(self) -> "Engine":
+        return self
+
+    async def close(self) -> None:
+        pass
+
+    @abc.abstractmethod
+    async def submit(self, units: list[UnitSpec]) -> None:
+        """Install and start the units (a batch: one round trip where the engine allows it)."""
+
+    @abc.abstractmethod
+    async def status(self, names: list[str]) -> dict[str, InstanceStatus]:
+        """Status of the named instances; unknown names are absent from the answer."""
+
+    @abc.abstractmethod
+    async def list(self, prefix: str) -> list[InstanceStatus]:
+        """Every instance whose name starts with ``prefix`` (``alice_web_``)."""
+
+    @abc.abstractmethod
+    async def stop(self, name: str) -> InstanceStatus: ...
+
+    @abc.abstractmethod
+    async def start(self, name: str) -> InstanceStatus: ...
+
+    @abc.abstractmethod
+    async def remove(self, names: list[str]) -> None:
+        """Stop and forget units (used to roll back a failed launch)."""
+
+    @abc.abstractmethod
+    async def unit_text(self, name: str) -> str | None: ...
+
+    @abc.abstractmethod
+    def journal(self, name: str, lines: int = 100, follow: bool = False) -> AsyncIterator[str]:
+        """The instance's journal: the last ``lines`` lines; with ``follow``, then live until it stops."""
+
+    def host_for_ports(self) -> str | None:
+        """The host whose ports to reserve before submit, or None when the host is known only later."""
+        return None

@@ -1,0 +1,51 @@
+"""Every key name in one place: the state store's (seed) paths and the Redis keys of jobs and events."""
+
+from __future__ import annotations
+
+# State store (etcd or the Redis fallback): the seed's keys ...
+URL = "/services/url/{user}/{app}"
+PORT = "/services/port/{user}/{app}/{n}"
+PORTS_OF_APP = "/services/port/{user}/{app}/"
+MPI = "/services/mpi/{user}/{app}/{run}/"
+MPI_SLAVE = "/services/mpi/{user}/{app}/{run}/slave{i}"
+# ... and the platform's own, under /nap/.
+INSTANCE = "/nap/instances/{user}/{app}/{n}"  # reservation of instance number n (value: instance name)
+INSTANCES_OF_APP = "/nap/instances/{user}/{app}/"
+PORT_RESERVATION = "/nap/ports/{host}/{port}"  # value: instance name holding the port
+PORTS_OF_HOST = "/nap/ports/{host}/"
+MPI_RUN = "/nap/mpi/{user}/{app}/{run}"  # a run's record (JSON)
+
+
+def redis_keys(namespace: str) -> "RedisKeys":
+    return RedisKeys(namespace)
+
+
+class RedisKeys:
+    """Redis keys of the job model, all under one namespace so tests can share a server."""
+
+    def __init__(self, namespace: str):
+        self.ns = namespace
+
+    def job(self, job_id: str) -> str:
+        return f"{self.ns}:job:{job_id}"
+
+    def user_jobs(self, user: str) -> str:
+        return f"{self.ns}:jobs:{user}"
+
+    def job_events(self, job_id: str) -> str:
+        return f"{self.ns}:ev:job:{job_id}"
+
+    def user_events(self, user: str) -> str:
+        return f"{self.ns}:ev:user:{user}"
+
+    @property
+    def users(self) -> str:
+        return f"{self.ns}:users"
+
+    @property
+    def tokens(self) -> str:
+        return f"{self.ns}:tokens"
+
+    @property
+    def dramatiq_namespace(self) -> str:
+        return f"{self.ns}:dramatiq"

@@ -1,0 +1,69 @@
+"""User, app and instance names: the only shapes the platform accepts."""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass
+
+from .errors import BadRequest
+
+NAME_RE = re.compile(r"[a-z][a-z0-9-]{0,30}")
+# <user>_<app>_common@<n>, <user>_<app>_mpi_master@<run>, <user>_<app>_mpi_slave@<run>-<i>
+INSTANCE_RE = re.compile(
+    r"(?P<user>[a-z][a-z0-9-]{0,30})_(?P<app>[a-z][a-z0-9-]{0,30})_"
+    r"(?P<kind>common|mpi_master|mpi_slave)@(?P<inst>[0-9]{1,9}(?:-[0-9]{1,4})?)"
+)
+
+
+def check_name(value, what: str = "name") -> str:
+    if not isinstance(value, str) or not NAME_RE.fullmatch(value):
+        raise BadRequest(f"{what} {value!r} is not valid: use [a-z][a-z0-9-]{{0,30}}")
+    return value
+
+
+def split_service(value, user: str | None = None) -> tuple[str, str]:
+    """``username_appname`` -> (user, app). With ``user`` given, the username must be the caller's."""
+    if not isinstance(value, str) or value.count("_") != 1:
+        raise BadRequest(f"{value!r} is not of the form username_appname")
+    u, a = value.split("_")
+    check_name(u, "user name")
+    check_name(a, "app name")
+    if user is not None and u != user:
+        raise BadRequest(f"{value!r} names user {u!r}, but you are {user!r}")
+    return u, a
+
+
+@dataclass(frozen=True)
+class InstanceName:
+    """An instance's name is its unit's name without ``.service``."""
+
+    user: str
+    app: str
+    kind: str  # common | mpi_master | mpi_slave
+    inst: str  # "3" for common; "<run>" for a master; "<run>-<i>" for a slave
+
+    @classmethod
+    def parse(cls, value, user: str | None = None) -> "InstanceName":
+        if isinstance(value, str) and value.endswith(".service"):
+            value = value[: -len(".service")]
+        m = INSTANCE_RE.fullmatch(value) if isinstance(value, str) else None
+        if not m:
+            raise BadRequest(f"{value!r} is not an instance name (like alice_web_common@3)")
+        if user is not None and m["user"] != user:
+            raise BadRequest(f"{value!r} names user {m['user']!r}, but you are {user!r}")
+        return cls(m["user"], m["app"], m["kind"], m["inst"])
+
+    @property
+    def name(self) -> str:
+        return f"{self.user}_{self.app}_{self.kind}@{self.inst}"
+
+    @property
+    def unit(self) -> str:
+        return self.name + ".service"
+
+    @property
+    def number(self) -> int:
+        return int(self.inst.split("-")[0])
+
+    def __str__(self) -> str:
+        return self.name

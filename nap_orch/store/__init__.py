@@ -1,0 +1,22 @@
+"""The state store: the seed's etcd keys (``/services/...``) and the platform's own (``/nap/...``).
+
+``open_store(settings)`` picks etcd when ``NAP_ETCD`` is set, else the Redis fallback with the same keys.
+"""
+
+from __future__ import annotations
+
+from ..config import Settings
+from .base import Lease, Store
+
+
+def open_store(settings: Settings) -> Store:
+    if settings.etcd:
+        from .etcd import EtcdStore
+
+        return EtcdStore(settings.etcd)
+    from .redis import RedisStore
+
+    return RedisStore(settings.redis_url, namespace=settings.namespace)
+
+
+__all__ = ["Store", "Lease", "open_store"]

@@ -1,0 +1,71 @@
+"""What a state store must provide. Keys are etcd-style paths (``/services/url/alice/web``); values are str.
+
+Both implementations (``etcd.py``, ``redis.py``) pass the same contract suite (tests/test_store.py).
+"""
+
+from __future__ import annotations
+
+import abc
+
+
+class LeaseExpired(LookupError):
+    """The lease lapsed (or was revoked): its keys are gone, and it can be neither refreshed nor used."""
+
+
+class Lease(abc.ABC):
+    """A time-to-live shared by keys; the holder refreshes it, and its keys vanish when it lapses."""
+
+    ttl: int
+
+    @abc.abstractmethod
+    async def refresh(self) -> None: ...
+
+    @abc.abstractmethod
+    async def revoke(self) -> None: ...
+
+
+class Store(abc.ABC):
+    async def open(self) -> "Store":
+        """Connect; returns self. Idempotent."""
+        return self
+
+    @abc.abstractmethod
+    async def close(self) -> None: ...
+
+    @abc.abstractmethod
+    async def get(self, key: str) -> str | None: ...
+
+    @abc.abstractmethod
+    async def put(self, key: str, value: str, lease: Lease | None = None) -> None: ...
+
+    @abc.abstractmethod
+    async def put_many(self, items: dict[str, str]) -> None:
+        """Write several keys in one round trip (not necessarily atomically)."""
+
+    @abc.abstractmethod
+    async def create(self, key: str, value: str, lease: Lease | None = None) -> bool:
+        """Write ``key`` only if it does not exist; True when this call created it (atomic)."""
+
+    @abc.abstractmethod
+    async def delete(self, key: str) -> bool:
+        """Delete one key; True when it existed."""
+
+    @abc.abstractmethod
+    async def delete_many(self, keys: list[str]) -> None: ...
+
+    @abc.abstractmethod
+    async def get_prefix(self, prefix: str) -> dict[str, str]:
+        """All keys starting with ``prefix`` and their values, sorted by key."""
+
+    @abc.abstractmethod
+    async def delete_prefix(self, prefix: str) -> int: ...
+
+    @abc.abstractmethod
+    async def lease(self, ttl: int) -> Lease:
+        """Grant a lease of ``ttl`` seconds."""
+
+    async def __aenter__(self) -> "Store":
+        return await self.open()
+
+    async def __aexit__(self, *exc) -> None:
+        await self.close()

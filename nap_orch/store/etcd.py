@@ -1,0 +1,263 @@
+"""The state store on etcd 3 (through ``aetcd``): the seed's keys, exactly as it keeps them."""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import Awaitable, Callable
+from typing import TypeVar
+
+import aetcd
+import aetcd.exceptions
+from aetcd import transactions as ops
+
+from .base import Lease, LeaseExpired, Store
+
+T = TypeVar("T")
+
+# etcd refuses a transaction of more than --max-txn-ops operations (128 by default).
+MAX_TXN_OPS = 128
+
+# gRPC channel options: a prefix read of tens of thousands of keys exceeds gRPC's default 4 MiB per
+# message, and the default reconnect backoff (up to 2 minutes) would leave a channel failing long
+# after etcd came back.
+_CHANNEL_OPTIONS = {
+    "grpc.max_receive_message_length": 256 * 1024 * 1024,
+    "grpc.initial_reconnect_backoff_ms": 100,
+    "grpc.min_reconnect_backoff_ms": 100,
+    "grpc.max_reconnect_backoff_ms": 1000,
+}
+
+
+def _parse_endpoint(endpoint: str) -> tuple[str, int]:
+    endpoint = endpoint.strip()
+    for scheme in ("http://", "https://"):
+        if endpoint.startswith(scheme):
+            endpoint = endpoint[len(scheme) :]
+    endpoint = endpoint.rstrip("/")
+    host, sep, port = endpoint.rpartition(":")
+    if not sep or not port.isdigit():
+        return endpoint, 2379
+    return host.strip("[]"), int(port)
+
+
+def _chunks(items: list, size: int = MAX_TXN_OPS):
+    for start in range(0, len(items), size):
+        yield items[start : start + size]
+
+
+def _is_lease_not_found(error: Exception) -> bool:
+    return "lease not found" in str(error)
+
+
+class EtcdLease(Lease):
+    """An etcd lease. etcd grants at least its minimum TTL (2 s with default timings), so ``ttl``
+    is the granted one, which may exceed the one asked for."""
+
+    def __init__(self, store: "EtcdStore", lease_id: int, ttl: int):
+        self.store = store
+        self.id = lease_id
+        self.ttl = ttl
+
+    async def refresh(self) -> None:
+        """One keep-alive (aetcd sends none by itself): call it well within ``ttl``."""
+        reply = await self.store._run(lambda client: client.refresh_lease(self.id))
+        if reply is None or reply.TTL <= 0:
+            raise LeaseExpired(f"etcd lease {self.id:x} has expired")
+
+    async def revoke(self) -> None:
+        """Delete the lease and its keys; a lease that already lapsed is not an error."""
+        try:
+            await self.store._run(lambda client: client.revoke_lease(self.id))
+        except aetcd.exceptions.ClientError as error:
+            if not _is_lease_not_found(error):
+                raise
+
+    def __repr__(self) -> str:
+        return f"EtcdLease(id={self.id:x}, ttl={self.ttl})"
+
+
+class EtcdStore(Store):
+    """Keys and values in etcd, UTF-8 encoded.
+
+    :param endpoints: ``host:port[,host:port...]`` (a leading ``http://`` is accepted). The store talks
+        to the first that answers, and moves on to the next when that one stops answering.
+    :param timeout: seconds any one request may take.
+    """
+
+    def __init__(self, endpoints: str, timeout: float = 10.0):
+        self.endpoints = [_parse_endpoint(e) for e in endpoints.split(",") if e.strip()]
+        if not self.endpoints:
+            raise ValueError("no etcd endpoint given")
+        self.timeout = timeout
+        self._client: aetcd.Client | None = None
+        self._current = 0  # index into endpoints of the one in use
+        self._connecting: asyncio.Lock | None = None
+        self._closing: set[asyncio.Task] = set()
+
+    @property
+    def endpoint(self) -> str:
+        host, port = self.endpoints[self._current]
+        return f"{host}:{port}"
+
+    def _describe(self) -> str:
+        return ",".join(f"{host}:{port}" for host, port in self.endpoints)
+
+    # -- connection ------------------------------------------------------------------------------
+
+    async def open(self) -> "EtcdStore":
+        """Connect to the first endpoint that answers; ConnectionError when none does."""
+        await self._connected()
+        return self
+
+    async def _connected(self) -> aetcd.Client:
+        if self._client is not None:
+            return self._client
+        if self._connecting is None:
+            self._connecting = asyncio.Lock()
+        async with self._connecting:
+            if self._client is not None:
+                return self._client
+            errors = []
+            # Start with the endpoint in use, so a healthy member is not traded for another.
+            order = self.endpoints[self._current :] + self.endpoints[: self._current]
+            for host, port in order:
+                client = aetcd.Client(host, port, timeout=self.timeout, options=dict(_CHANNEL_OPTIONS))
+                try:
+                    await client.connect()
+                    await client.get(b"/")  # the channel connects lazily: make it answer once
+                except (aetcd.exceptions.ConnectionFailedError, aetcd.exceptions.ConnectionTimeoutError) as error:
+                    errors.append(f"{host}:{port}: {error}" if len(self.endpoints) > 1 else str(error))
+                    await client.close()
+                    continue
+                except BaseException:
+                    await client.close()
+                    raise
+                self._current = self.endpoints.index((host, port))
+                self._client = client
+                return client
+            raise ConnectionError(f"etcd at {self._describe()} is unreachable: {'; '.join(errors)}")
+
+    def _discard(self, client: aetcd.Client) -> None:
+        """Drop a failed channel (once, however many requests saw it fail) and close it in the background,
+        letting requests still on it finish."""
+        if self._client is not client:
+            return
+        self._client = None
+        if len(self.endpoints) > 1:
+            self._current = (self._current + 1) % len(self.endpoints)
+        channel = client.channel
+        if channel is not None:
+            task = asyncio.get_running_loop().create_task(channel.close(grace=self.timeout))
+            self._closing.add(task)
+            task.add_done_callback(self._closing.discard)
+
+    async def _run(self, request: Callable[[aetcd.Client], Awaitable[T]]) -> T:
+        """Run one request; when etcd is unavailable, reconnect (maybe to another endpoint) and try once more.
+
+        Only UNAVAILABLE is retried (a dead channel, or a member without a leader): the request was almost
+        surely not applied. After a timeout it may have been, so a timeout is not retried.
+        """
+        for attempt in (1, 2):
+            client = await self._connected()
+            try:
+                return await request(client)
+            except aetcd.exceptions.ConnectionFailedError as error:
+                self._discard(client)
+                if attempt == 2:
+                    raise ConnectionError(f"etcd at {self._describe()} is unreachable: {error}") from error
+            except aetcd.exceptions.ConnectionTimeoutError as error:
+                self._discard(client)
+                raise ConnectionError(
+                    f"etcd at {self._describe()} did not answer within {self.timeout:g} s: {error}"
+                ) from error
+        raise AssertionError("unreachable")
+
+    async def close(self) -> None:
+        client, self._client = self._client, None
+        if client is not None:
+            await client.close()
+        if self._closing:
+            await asyncio.gather(*self._closing, return_exceptions=True)
+
+    # -- keys ------------------------------------------------------------------------------------
+
+    def _lease_id(self, lease: Lease | None) -> int:
+        if lease is None:
+            return 0
+        if not isinstance(lease, EtcdLease):
+            raise TypeError(f"not an etcd lease: {lease!r}")
+        return lease.id
+
+    async def _leased(self, lease: Lease | None, request: Callable[[aetcd.Client], Awaitable[T]]) -> T:
+        try:
+            return await self._run(request)
+        except aetcd.exceptions.ClientError as error:
+            if lease is not None and _is_lease_not_found(error):
+                raise LeaseExpired(f"etcd lease {self._lease_id(lease):x} has expired") from error
+            raise
+
+    async def _batch(self, requests: list) -> None:
+        """Unconditional transactions of at most MAX_TXN_OPS requests each, all in flight at once."""
+
+        def send(chunk: list) -> Callable[[aetcd.Client], Awaitable]:
+            return lambda client: client.transaction(compare=[], success=chunk, failure=[])
+
+        await asyncio.gather(*(self._run(send(chunk)) for chunk in _chunks(requests)))
+
+    async def get(self, key: str) -> str | None:
+        found = await self._run(lambda client: client.get(key.encode()))
+        return None if found is None else found.value.decode()
+
+    async def put(self, key: str, value: str, lease: Lease | None = None) -> None:
+        lease_id = self._lease_id(lease)
+        await self._leased(lease, lambda client: client.put(key.encode(), value.encode(), lease=lease_id))
+
+    async def put_many(self, items: dict[str, str]) -> None:
+        """Transactions of at most 128 puts each, sent together."""
+        await self._batch([ops.Put(k.encode(), v.encode()) for k, v in items.items()])
+
+    async def create(self, key: str, value: str, lease: Lease | None = None) -> bool:
+        lease_id = self._lease_id(lease)
+        encoded = key.encode()
+
+        async def request(client: aetcd.Client) -> bool:
+            succeeded, _ = await client.transaction(
+                compare=[client.transactions.version(encoded) == 0],
+                success=[client.transactions.put(encoded, value.encode(), lease=lease_id)],
+                failure=[],
+            )
+            return succeeded
+
+        return await self._leased(lease, request)
+
+    async def delete(self, key: str) -> bool:
+        return await self._run(lambda client: client.delete(key.encode())) is not None
+
+    async def delete_many(self, keys: list[str]) -> None:
+        """Transactions of at most 128 deletes each, sent together."""
+        await self._batch([ops.Delete(k.encode()) for k in dict.fromkeys(keys)])
+
+    async def get_prefix(self, prefix: str) -> dict[str, str]:
+        """All keys that start with ``prefix`` (a byte prefix: end it with ``/`` for a folder), by key."""
+        if prefix:
+            request = lambda client: client.get_prefix(prefix.encode(), sort_order="ascend")  # noqa: E731
+        else:
+            request = lambda client: client.get_range(b"\0", b"\0", sort_order="ascend")  # noqa: E731
+        found = await self._run(request)
+        return {kv.key.decode(): kv.value.decode() for kv in found}
+
+    async def delete_prefix(self, prefix: str) -> int:
+        if prefix:
+            request = lambda client: client.delete_prefix(prefix.encode())  # noqa: E731
+        else:
+            request = lambda client: client.delete_range(b"\0", b"\0")  # noqa: E731
+        return (await self._run(request)).deleted
+
+    async def lease(self, ttl: int) -> EtcdLease:
+        if ttl < 1:
+            raise ValueError(f"a lease lasts at least 1 s, not {ttl}")
+        granted = await self._run(lambda client: client.lease(int(ttl)))
+        return EtcdLease(self, granted.id, granted.ttl)
+
+    def __repr__(self) -> str:
+        return f"EtcdStore({self._describe()!r})"
