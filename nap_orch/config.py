@@ -41,6 +41,8 @@ class Settings:
     max_count: int = 1000
     max_mpi_hosts: int = 16
     mpi_wait_timeout: float = 60.0
+    mpicc: str = "mpicc"
+    mpirun: str = "mpirun"
     restart_limit: int = 5
     stop_timeout: float = 10.0
     agent_socket: str = ""

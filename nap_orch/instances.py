@@ -374,7 +374,7 @@ async def start_instance(rt: Runtime, inst: InstanceName) -> dict:
 
 
 def instance_profile(settings, inst: InstanceName) -> dict:
-    folder = instance_dir(settings, inst.user, inst.app, inst.inst.split("-")[0] if inst.kind == "common" else f"mpi{inst.number}")
+    folder = instance_dir(settings, inst.user, inst.app, inst.number)  # an MPI run's units share its folder
     for filename in (profile.PROFILE, profile.MPI_XML):
         path = folder / filename
         if path.is_file():

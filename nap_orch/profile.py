@@ -50,6 +50,16 @@ class AppSpec:
         return parse_memory(raw) if raw else None
 
     @property
+    def hosts(self) -> int:
+        """mpi.xml: the number of slaves (the run has hosts + 1 ranks: the master's and one per slave)."""
+        raw = self.fields.get("hosts")
+        if raw is None:
+            raise AppError("mpi.xml has no hosts: line (the number of slaves)")
+        if not raw.isdigit() or int(raw) < 1:
+            raise AppError(f"hosts: {raw!r} in mpi.xml must be a whole number of at least 1")
+        return int(raw)
+
+    @property
     def scale(self) -> int | None:
         raw = self.fields.get("scale")
         if raw is None:
@@ -94,6 +104,15 @@ def validate(spec: AppSpec) -> None:
             raise AppError("the profile has no command: line")
         spec.memory, spec.scale  # noqa: B018  (raise on bad values)
         split_command(spec.command)
+    else:
+        spec.hosts  # noqa: B018
+        if spec.fields.get("from"):
+            if not spec.fields.get("to"):
+                raise AppError("mpi.xml has from: but no to: (the binary to build)")
+        elif not spec.command:
+            raise AppError("mpi.xml needs from: (a C source to build) or command: (an interpreted MPI program)")
+        else:
+            split_command(spec.command)
 
 
 def split_command(command: str) -> list[str]:

@@ -48,6 +48,11 @@ def _port_open(port: int) -> bool:
         return s.connect_ex(("127.0.0.1", port)) == 0
 
 
+def _socket_answers(path: str) -> bool:
+    with socket.socket(socket.AF_UNIX) as s:
+        return s.connect_ex(path) == 0
+
+
 class Stack:
     def __init__(self, settings: Settings):
         self.settings = settings
@@ -114,7 +119,7 @@ def up(settings: Settings, args) -> int:
         if settings.engine == "local":
             proc, log = stack.spawn("agent", [sys.executable, "-m", "nap_orch.agent"], env)
             sock = Settings.from_env(env).agent_socket_path
-            wait_for(lambda: os.path.exists(sock), "agent", proc, log)
+            wait_for(lambda: _socket_answers(sock), "agent", proc, log)
         stack.spawn("worker", [sys.executable, "-m", "dramatiq", "workers", "--processes", str(args.workers),
                                "--threads", "8"], env)
         proc, log = stack.spawn("api", [sys.executable, "-m", "nap_orch.cli", "api", "--port", str(api_port)], env)

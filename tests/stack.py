@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import os
 import signal
+import socket
 import subprocess
 import sys
 import time
@@ -65,9 +66,14 @@ class NapStack:
         return self
 
     def start_agent(self) -> None:
-        sock = self.home / "agent.sock"
+        sock = str(self.home / "agent.sock")
         self._spawn("agent", [sys.executable, "-m", "nap_orch.agent"])
-        self._wait(lambda: sock.exists(), "agent")
+
+        def answers() -> bool:
+            with socket.socket(socket.AF_UNIX) as s:
+                return s.connect_ex(sock) == 0
+
+        self._wait(answers, "agent")
 
     def start_worker(self, processes: int = 1, threads: int = 8) -> None:
         self._spawn("worker", [sys.executable, "-m", "dramatiq", "workers", "--processes", str(processes),
@@ -85,6 +91,27 @@ class NapStack:
     def stop(self) -> None:
         for name in list(self.procs):
             self.kill(name, signal.SIGTERM) if name != "worker" else self.kill(name, signal.SIGKILL)
+        self.kill_instances()
+
+    def instance_pids(self) -> list[int]:
+        """Processes running in this stack's instance folders (instances outlive the agent by design)."""
+        root = str(self.home / "apps")
+        pids = []
+        for entry in os.listdir("/proc"):
+            if entry.isdigit():
+                try:
+                    if os.readlink(f"/proc/{entry}/cwd").startswith(root):
+                        pids.append(int(entry))
+                except OSError:
+                    pass
+        return pids
+
+    def kill_instances(self) -> None:
+        for pid in self.instance_pids():
+            try:
+                os.kill(pid, signal.SIGKILL)
+            except ProcessLookupError:
+                pass
 
     def _wait(self, check, what: str, timeout: float = 20.0) -> None:
         deadline = time.monotonic() + timeout
