@@ -1,0 +1,103 @@
+"""Bulk launch benchmark: one start_common of N instances of a tiny app, from submit to all running with
+their ports in the store, against a bare baseline that starts the same N processes directly from Python.
+
+    python bench/bulk_launch.py              # N=1000, etcd store (the production shape)
+    python bench/bulk_launch.py --store redis --count 500
+
+It starts its own Redis, etcd, agent, worker and API in a temporary folder and removes everything after.
+The tiny app is ``sleep`` (a Python app would measure Python's start-up, not nap-orch).
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import os
+import signal
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from nap_orch.store import open_store  # noqa: E402
+from nap_orch.config import Settings  # noqa: E402
+from tests.apps import tar_gz, write_app  # noqa: E402
+from tests.httpserver import FileServer  # noqa: E402
+from tests.services import EtcdServer, RedisServer  # noqa: E402
+from tests.stack import NapStack  # noqa: E402
+
+
+async def baseline(n: int) -> float:
+    """Start n `sleep` processes from asyncio, as bare as it gets; seconds until all are spawned."""
+    t0 = time.perf_counter()
+    procs = [await asyncio.create_subprocess_exec("sleep", "100000", start_new_session=True,
+                                                  stdout=asyncio.subprocess.DEVNULL, stderr=asyncio.subprocess.DEVNULL)
+             for _ in range(n)]
+    took = time.perf_counter() - t0
+    for p in procs:
+        p.send_signal(signal.SIGKILL)
+    await asyncio.gather(*(p.wait() for p in procs))
+    return took
+
+
+async def count_ports(stack: NapStack, user: str) -> int:
+    settings = Settings.from_env({k: v for k, v in stack.env.items() if k.startswith("NAP_")})
+    async with open_store(settings) as store:
+        return len(await store.get_prefix(f"/services/port/{user}/tiny/"))
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--count", type=int, default=1000)
+    ap.add_argument("--store", choices=["etcd", "redis"], default="etcd")
+    ap.add_argument("--rounds", type=int, default=1)
+    args = ap.parse_args()
+    with tempfile.TemporaryDirectory(prefix="nap-bench-") as tmp:
+        tmp = Path(tmp)
+        redis = RedisServer(tmp / "redis")
+        redis.start()
+        etcd = EtcdServer(tmp / "etcd") if args.store == "etcd" else None
+        if etcd:
+            etcd.start()
+        www = FileServer(tmp / "www").start()
+        stack = NapStack(tmp / "nap", redis.url, etcd.endpoint if etcd else "",
+                         extra_env={"NAP_PORT_RANGE": "30000-39999"})
+        try:
+            stack.start()
+            user, client = stack.add_user("bench")
+            tar_gz(write_app(tmp / "tiny", {"profile": "command: sleep 100000\n"}), www.root / "tiny.tgz")
+            job = client.post("/v1/apps", {"app": "tiny", "url": f"{www.url}/tiny.tgz"})
+            assert stack.wait_job(client, job["job"])["state"] == "succeeded"
+            rows = []
+            for r in range(args.rounds):
+                base = asyncio.run(baseline(args.count))
+                t0 = time.perf_counter()
+                job = client.post("/v1/apps/tiny/instances", {"params": {}, "count": args.count})
+                rec = stack.wait_job(client, job["job"], timeout=600)
+                took = time.perf_counter() - t0
+                assert rec["state"] == "succeeded", rec
+                assert rec["result"]["running"] == args.count, rec["result"]["running"]
+                ports = asyncio.run(count_ports(stack, user))
+                assert ports == args.count * (r + 1), ports
+                rows.append((took, base))
+                print(json.dumps({
+                    "round": r + 1, "store": args.store, "instances": args.count,
+                    "nap_seconds": round(took, 3), "nap_per_second": round(args.count / took, 1),
+                    "baseline_seconds": round(base, 3), "baseline_per_second": round(args.count / base, 1),
+                    "ratio": round(took / base, 2),
+                }), flush=True)
+                stack.kill_instances()
+        finally:
+            stack.stop()
+            www.stop()
+            if etcd:
+                etcd.stop()
+            redis.stop()
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
