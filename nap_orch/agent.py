@@ -31,7 +31,7 @@ HTTP API (JSON unless noted; errors are ``{"error", "message"}`` with the status
 - ``GET /units?prefix=``: ``{"units": [status, ...]}``
 - ``POST /status`` ``{"names": [...]}``: ``{"units": {name: status}}`` (unknown names left out)
 - ``POST /units/{name}/stop``, ``POST /units/{name}/start``: the status after it
-- ``DELETE /units`` ``{"names": [...]}``: stop, forget and delete files: ``{"removed": [...]}``
+- ``DELETE /units`` ``{"names": [...]}``: stop, forget, drop their files: ``{"removed": [...]}``
 - ``GET /units/{name}/unit``: the unit text (text/plain)
 - ``GET /units/{name}/journal?lines=N&follow=1``: the last N lines (text/plain, chunked); with follow,
   then new lines live, until the instance is stopped, exited or failed for good

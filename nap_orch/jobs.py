@@ -89,7 +89,8 @@ class JobStore:
 
     @classmethod
     def from_url(cls, url: str, namespace: str = "nap") -> "JobStore":
-        return cls(aioredis.Redis.from_url(url), namespace)
+        # Blocking reads of event streams wait at most BLOCK_MS, well under the socket timeout.
+        return cls(aioredis.Redis.from_url(url, socket_timeout=30, socket_connect_timeout=10), namespace)
 
     async def close(self) -> None:
         await self.redis.aclose()
@@ -183,7 +184,7 @@ class JobStore:
             await p.execute()
 
     async def events(self, stream: str, last_id: str = "0-0", follow: bool = True, until_job_ends: str | None = None,
-                     block_ms: int = 5000) -> AsyncIterator[dict]:
+                     block_ms: int = 2000) -> AsyncIterator[dict]:
         """Events of a stream after ``last_id``, then live. With ``until_job_ends`` (a job id) it stops
         after that job's terminal state event."""
         last = last_id or "0-0"
