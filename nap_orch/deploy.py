@@ -23,7 +23,8 @@ async def deploy_app(ctx: JobContext, user: str, app: str, url: str) -> dict:
     staged = work / "app"
     await ctx.log(f"deploying {url} as {user}_{app}")
     try:
-        summary = await fetch(url, staged, settings=settings, log=ctx.log, check=ctx.check)
+        summary = await fetch(url, staged, settings=settings, log=ctx.log, check=ctx.check,
+                              progress=lambda done, total: ctx.progress(done, total or done, phase="downloaded"))
         spec = profile.load(staged)
         profile.validate(spec)
         await ctx.check()

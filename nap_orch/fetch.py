@@ -54,6 +54,8 @@ __all__ = ["fetch"]
 
 Log = Callable[[str], Awaitable[None]]
 Check = Callable[[], Awaitable[None]]
+# Awaited with (bytes so far, total or None) as a download proceeds: drives progress bars.
+Progress = Callable[[int, "int | None"], Awaitable[None]]
 
 _CHUNK = 256 * 1024
 # How often long steps (extraction threads, git clone) await ``check`` and relay their log lines.
@@ -78,6 +80,7 @@ async def fetch(
     settings: Settings,
     log: Log | None = None,
     check: Check | None = None,
+    progress: Progress | None = None,
 ) -> dict:
     """Download the app at ``url`` into the new folder ``dest``.
 
@@ -87,6 +90,7 @@ async def fetch(
         and ``allow_local_sources``.
     :param log: awaited with human progress lines.
     :param check: awaited between steps and chunks; whatever it raises (a cancelled job) propagates.
+    :param progress: awaited with (bytes received, total or None) along with download progress lines.
     :returns: ``{"kind": "archive"|"git"|"local", "files": n, "bytes": n}``, plus ``"commit"`` for git.
     :raises BadRequest: the URL is not one of the accepted kinds.
     :raises FetchError: the source could not be fetched or is not a safe app; the message says why.
@@ -103,7 +107,7 @@ async def fetch(
     try:
         await check()
         if source.kind == "http":
-            app, summary = await _fetch_archive_url(source.location, work, settings, log, check)
+            app, summary = await _fetch_archive_url(source.location, work, settings, log, check, progress)
         elif source.kind == "git":
             app, summary = await _fetch_git(source.location, work, settings, log, check)
         else:
@@ -173,15 +177,16 @@ def _with_host(url: str) -> str:
 
 
 async def _fetch_archive_url(
-    url: str, work: Path, settings: Settings, log: Log, check: Check
+    url: str, work: Path, settings: Settings, log: Log, check: Check, progress: Progress | None = None
 ) -> tuple[Path, dict]:
     archive = work / "download"
-    content_type = await _download(url, archive, settings, log, check)
+    content_type = await _download(url, archive, settings, log, check, progress)
     await check()
     return await _unpack(archive, work, settings, log, check, f"content type {content_type}")
 
 
-async def _download(url: str, file: Path, settings: Settings, log: Log, check: Check) -> str:
+async def _download(url: str, file: Path, settings: Settings, log: Log, check: Check,
+                    report: Progress | None = None) -> str:
     """Stream ``url`` into ``file`` and return its content type.
 
     Bytes are counted as they arrive, and the download stops as soon as they pass
@@ -220,6 +225,8 @@ async def _download(url: str, file: Path, settings: Settings, log: Log, check: C
                             await out.write(chunk)
                             if line := progress.line(received):
                                 await log(line)
+                                if report is not None:
+                                    await report(received, total)
                             # Chunks can be tiny: checking each one could cost more than the download.
                             if (now := time.monotonic()) >= next_check:
                                 await check()

@@ -64,14 +64,20 @@ class Job:
         return cls(**{k: v for k, v in data.items() if k in cls.__dataclass_fields__})
 
 
-# Moves a job to a new state only from the allowed ones, atomically; returns the old state or nil.
+# Moves a job to a new state only from the allowed ones and appends the state event to the job's and
+# the user's streams, atomically (a reader that sees the final state also finds its event); returns
+# the old state or nil. ARGV: allowed states (JSON), maxlen, event fields (JSON), then field/value pairs.
 _TRANSITION = """
 local cur = redis.call('HGET', KEYS[1], 'state')
 if not cur then return false end
 local allowed = cjson.decode(ARGV[1])
 for _, s in ipairs(allowed) do
   if cjson.encode(s) == cur then
-    for i = 2, #ARGV, 2 do redis.call('HSET', KEYS[1], ARGV[i], ARGV[i+1]) end
+    for i = 4, #ARGV, 2 do redis.call('HSET', KEYS[1], ARGV[i], ARGV[i+1]) end
+    local ev = cjson.decode(ARGV[3])
+    local fields = {'type', ev.type, 'job', ev.job, 'kind', ev.kind, 't', ev.t, 'data', ev.data}
+    redis.call('XADD', KEYS[2], 'MAXLEN', '~', ARGV[2], '*', unpack(fields))
+    redis.call('XADD', KEYS[3], 'MAXLEN', '~', ARGV[2], '*', unpack(fields))
     return cur
   end
 end
@@ -133,19 +139,18 @@ class JobStore:
         updates = {"state": to.value, **fields}
         if to.terminal:
             updates.setdefault("finished", time.time())
-        argv = [json.dumps([s.value for s in allowed])]
-        for k, v in updates.items():
-            argv += [k, json.dumps(v)]
-        old = await self._transition(keys=[self.keys.job(job.id)], args=argv)
-        if not old:
-            return False
-        for k, v in updates.items():
-            setattr(job, k, v)
         data = {"state": to.value}
         for k in ("error", "result", "attempts"):
             if k in fields:
                 data[k] = fields[k]
-        await self.emit(job, "state", data)
+        argv = [json.dumps([s.value for s in allowed]), STREAM_MAXLEN, json.dumps(self._event(job, "state", data))]
+        for k, v in updates.items():
+            argv += [k, json.dumps(v)]
+        keys = [self.keys.job(job.id), self.keys.job_events(job.id), self.keys.user_events(job.user)]
+        if not await self._transition(keys=keys, args=argv):
+            return False
+        for k, v in updates.items():
+            setattr(job, k, v)
         return True
 
     async def start_attempt(self, job: Job) -> bool:
@@ -177,11 +182,15 @@ class JobStore:
     # -- events ----------------------------------------------------------------------------------
     async def emit(self, job: Job, type_: str, data: dict) -> None:
         """Append an event to the job's stream and to its user's stream."""
-        fields = {"type": type_, "job": job.id, "kind": job.kind, "t": repr(time.time()), "data": json.dumps(data)}
+        fields = self._event(job, type_, data)
         async with self.redis.pipeline(transaction=False) as p:
             p.xadd(self.keys.job_events(job.id), fields, maxlen=STREAM_MAXLEN, approximate=True)
             p.xadd(self.keys.user_events(job.user), fields, maxlen=STREAM_MAXLEN, approximate=True)
             await p.execute()
+
+    @staticmethod
+    def _event(job: Job, type_: str, data: dict) -> dict[str, str]:
+        return {"type": type_, "job": job.id, "kind": job.kind, "t": repr(time.time()), "data": json.dumps(data)}
 
     async def events(self, stream: str, last_id: str = "0-0", follow: bool = True, until_job_ends: str | None = None,
                      block_ms: int = 2000) -> AsyncIterator[dict]:

@@ -60,7 +60,10 @@ def test_job_stream_follows_live_until_the_job_ends(stack, user, file_server, tm
     events = list(client.events(f"/v1/jobs/{resp['job']}/events"))
     assert time.monotonic() - t0 > 1  # it followed a job that was still running
     assert events[-1]["event"] == "state" and events[-1]["data"]["state"] == "succeeded"
-    assert any(e["event"] == "progress" or "downloaded" in str(e["data"]) for e in events)
+    progress = [e["data"] for e in events if e["event"] == "progress"]
+    assert len(progress) >= 3  # they drive the --wait progress bar
+    assert [p["done"] for p in progress] == sorted(p["done"] for p in progress)
+    assert all(p["done"] <= p["total"] == progress[0]["total"] for p in progress)
 
 
 def test_user_stream_and_job_list_by_state(stack, user, file_server, tmp_path):
