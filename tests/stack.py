@@ -61,9 +61,12 @@ class NapStack:
         if agent:
             self.start_agent()
         self.start_worker()
+        self.start_api()
+        return self
+
+    def start_api(self) -> None:
         self._spawn("api", [sys.executable, "-m", "nap_orch.cli", "api"])
         self._wait(lambda: urllib.request.urlopen(self.url + "/health", timeout=1).status == 200, "api")
-        return self
 
     def start_agent(self) -> None:
         sock = str(self.home / "agent.sock")

@@ -289,3 +289,61 @@ def test_agent_killed_instances_survive_and_are_adopted(stack, user, file_server
     procs = [p for p in stack.instance_pids() if f"{name}_sturdy_" in os.readlink(f"/proc/{p}/cwd")]
     assert len(procs) == 3  # no duplicates, none lost
     assert st["port"]["port"] == job["result"]["instances"][0]["port"]  # same unit, same port
+
+
+def test_cli_takes_pairs_and_para_str(stack, file_server, tmp_path):
+    name, client = stack.add_user()
+    deployed(stack, client, file_server, tmp_path, ARGV_APP, "cli")
+    out = run_cli(stack, client.token, "start_common", f"{name}_cli", "a=one two,b=x,y", "--count", "1", "--wait")
+    assert out.returncode == 0, out.stderr
+    out = run_cli(stack, client.token, "start_common", "cli", "p,q", "--wait")
+    assert out.returncode == 0, out.stderr
+    for n, expected in ((1, ["one two", "--x=x,y"]), (2, ["p", "--x=q"])):
+        path = stack.home / "apps" / name / f"{name}_cli_{n}" / "argv.json"
+        deadline = time.monotonic() + 10
+        while not path.exists():
+            assert time.monotonic() < deadline
+            time.sleep(0.05)
+        assert json.loads(path.read_text())["argv"][:2] == expected
+    out = run_cli(stack, client.token, "list_instances", "cli")
+    assert f"{name}_cli_common@1\trunning" in out.stdout and f"{name}_cli_common@2\trunning" in out.stdout
+    assert run_cli(stack, client.token, "get_instances_num", "cli").stdout.strip() == "2"
+    out = run_cli(stack, client.token, "get_port", f"{name}_cli_common@1")
+    assert out.stdout.strip().startswith("127.0.0.1:21")
+    out = run_cli(stack, client.token, "cat_unit", f"{name}_cli_common@1")
+    assert "ExecStart=" in out.stdout
+    out = run_cli(stack, client.token, "start_common", "cli", "a=1,zzz=2")
+    assert out.returncode != 0 and "unknown parameter" in out.stderr
+
+
+def test_cancel_a_running_launch_rolls_it_back(stack, user, file_server, tmp_path):
+    name, client = user
+    deployed(stack, client, file_server, tmp_path, {"profile": "command: sleep 100000\n"}, "undo")
+    job = client.post("/v1/apps/undo/instances", {"params": {}, "count": 600})["job"]
+    for ev in client.events(f"/v1/jobs/{job}/events"):
+        if ev["event"] == "log" and ev["data"]["line"].startswith("submitted 250/"):
+            client.post(f"/v1/jobs/{job}/cancel")
+            break
+    rec = stack.wait_job(client, job)
+    assert rec["state"] == "cancelled", rec
+    assert client.get("/v1/apps/undo/instances")["count"] == 0
+    assert not list((stack.home / "apps" / name).glob(f"{name}_undo_*"))
+    assert etcd_prefix(stack, f"/nap/instances/{name}/undo/") == {}
+    assert etcd_prefix(stack, f"/services/port/{name}/undo/") == {}
+    assert not [p for p in stack.instance_pids() if f"{name}_undo_" in os.readlink(f"/proc/{p}/cwd")]
+
+
+def test_instances_keep_running_when_api_and_workers_restart(stack, user, file_server, tmp_path):
+    name, client = user
+    deployed(stack, client, file_server, tmp_path, {"profile": "command: sleep 100000\n"}, "calm")
+    job = start(stack, client, "calm", {}, count=2)
+    pids = {i["name"]: client.get(f"/v1/instances/{i['name']}")["pid"] for i in job["result"]["instances"]}
+    stack.kill("api")
+    stack.kill("worker")
+    for pid in pids.values():
+        os.kill(pid, 0)
+    stack.start_worker()
+    stack.start_api()
+    for inst, pid in pids.items():
+        st = client.get(f"/v1/instances/{inst}")
+        assert st["state"] == "running" and st["pid"] == pid
