@@ -15,11 +15,11 @@ import dramatiq
 import redis.asyncio as aioredis
 from aiohttp import web
 
-from . import apps, instances, keys, profile
+from . import apps, instances, profile
 from .broker import QUEUE, make_broker
 from .config import Settings
 from .errors import BadRequest, Forbidden, NapError, NotFound
-from .jobs import JobState, JobStore
+from .jobs import JobState
 from .names import InstanceName, check_name, split_service
 from .runner import Runtime
 from .users import Users
@@ -89,6 +89,17 @@ def instance_arg(value: str, user: str) -> InstanceName:
     return inst
 
 
+async def app_of(request: web.Request) -> tuple[str, str]:
+    """The caller and the app named in the path."""
+    user = await caller(request)
+    return user, service_arg(request.match_info["app"], user)
+
+
+async def instance_of(request: web.Request) -> InstanceName:
+    """The caller's instance named in the path (another user's answers 404)."""
+    return instance_arg(request.match_info["name"], await caller(request))
+
+
 def check_source_url(url, settings: Settings) -> None:
     if not isinstance(url, str) or not url.strip():
         raise BadRequest("url must be a non-empty string")
@@ -142,13 +153,15 @@ async def deploy_app(request: web.Request) -> web.Response:
 
 async def list_services(request: web.Request) -> web.Response:
     user = await caller(request)
+    asked = request.query.get("user")
+    if asked is not None and asked != user:
+        raise Forbidden(f"you are {user!r}: you can list only your own services")
     names = apps.list_apps(request.app[SETTINGS], user)
     return web.json_response({"user": user, "services": names, "apps": [f"{user}_{n}" for n in names]})
 
 
 async def get_app(request: web.Request) -> web.Response:
-    user = await caller(request)
-    app = service_arg(request.match_info["app"], user)
+    user, app = await app_of(request)
     settings = request.app[SETTINGS]
     spec = apps.spec(settings, user, app)
     url = await apps.url(request.app[RUNTIME].store, user, app)
@@ -157,8 +170,7 @@ async def get_app(request: web.Request) -> web.Response:
 
 
 async def get_service_url(request: web.Request) -> web.Response:
-    user = await caller(request)
-    app = service_arg(request.match_info["app"], user)
+    user, app = await app_of(request)
     url = await apps.url(request.app[RUNTIME].store, user, app)
     if url is None:
         raise NotFound(f"app {app!r} is not deployed")
@@ -166,15 +178,13 @@ async def get_service_url(request: web.Request) -> web.Response:
 
 
 async def get_parameters(request: web.Request) -> web.Response:
-    user = await caller(request)
-    app = service_arg(request.match_info["app"], user)
+    user, app = await app_of(request)
     spec = apps.spec(request.app[SETTINGS], user, app)
     return web.json_response({"app": app, "parameters": spec.parameters, "para_str": ",".join(spec.parameters)})
 
 
 async def cat_app(request: web.Request) -> web.Response:
-    user = await caller(request)
-    app = service_arg(request.match_info["app"], user)
+    user, app = await app_of(request)
     spec = apps.spec(request.app[SETTINGS], user, app)
     return web.json_response({"app": app, "file": spec.filename, "text": spec.text})
 
@@ -217,41 +227,35 @@ async def start_mpi(request: web.Request) -> web.Response:
 
 # -- instances -------------------------------------------------------------------------------------
 async def list_instances(request: web.Request) -> web.Response:
-    user = await caller(request)
-    app = service_arg(request.match_info["app"], user)
+    user, app = await app_of(request)
     rt = request.app[RUNTIME]
     rows = await instances.list_instances(rt, user, app)
     return web.json_response({"app": app, "count": len(rows), "instances": rows})
 
 
 async def get_instances_num(request: web.Request) -> web.Response:
-    user = await caller(request)
-    app = service_arg(request.match_info["app"], user)
+    user, app = await app_of(request)
     rows = await instances.list_instances(request.app[RUNTIME], user, app)
     return web.json_response({"app": app, "count": len(rows)})
 
 
 async def get_instance(request: web.Request) -> web.Response:
-    user = await caller(request)
-    inst = instance_arg(request.match_info["name"], user)
+    inst = await instance_of(request)
     return web.json_response(await instances.instance_status(request.app[RUNTIME], inst))
 
 
 async def get_port(request: web.Request) -> web.Response:
-    user = await caller(request)
-    inst = instance_arg(request.match_info["name"], user)
+    inst = await instance_of(request)
     return web.json_response(await instances.get_port(request.app[RUNTIME], inst))
 
 
 async def instance_profile(request: web.Request) -> web.Response:
-    user = await caller(request)
-    inst = instance_arg(request.match_info["name"], user)
+    inst = await instance_of(request)
     return web.json_response(instances.instance_profile(request.app[SETTINGS], inst))
 
 
 async def instance_unit(request: web.Request) -> web.Response:
-    user = await caller(request)
-    inst = instance_arg(request.match_info["name"], user)
+    inst = await instance_of(request)
     text = await request.app[RUNTIME].engine.unit_text(inst.name)
     if text is None:
         raise NotFound(f"no instance {inst.name!r}")
@@ -259,20 +263,17 @@ async def instance_unit(request: web.Request) -> web.Response:
 
 
 async def stop_app(request: web.Request) -> web.Response:
-    user = await caller(request)
-    inst = instance_arg(request.match_info["name"], user)
+    inst = await instance_of(request)
     return web.json_response(await instances.stop_instance(request.app[RUNTIME], inst))
 
 
 async def start_app(request: web.Request) -> web.Response:
-    user = await caller(request)
-    inst = instance_arg(request.match_info["name"], user)
+    inst = await instance_of(request)
     return web.json_response(await instances.start_instance(request.app[RUNTIME], inst))
 
 
 async def get_journal(request: web.Request) -> web.StreamResponse:
-    user = await caller(request)
-    inst = instance_arg(request.match_info["name"], user)
+    inst = await instance_of(request)
     rt = request.app[RUNTIME]
     try:
         lines = int(request.query.get("lines", "100"))

@@ -104,7 +104,7 @@ def cmd_remote(args) -> int:
     if op == "deploy_app":
         return _submitted(args, c, c.post("/v1/apps", {"app": args.service, "url": args.url}))
     if op == "list_services":
-        r = c.get("/v1/apps")
+        r = c.get("/v1/apps", user=args.user)
         _out(args, r, "\n".join(r["apps"]))
     elif op == "get_service_url":
         r = c.get(f"/v1/apps/{args.service}/url")

@@ -52,6 +52,11 @@ class Settings:
     # Slurm engine
     slurm_partition: str = ""
     slurm_bin: str = ""
+    # Extra environment of MPI runs on Slurm, "NAME=value NAME=value" (e.g. OMPI_MCA_btl=self,tcp where
+    # several slurmd "nodes" share one host, so that Open MPI's shared-memory segment names don't collide).
+    slurm_mpi_env: str = ""
+    # How often the reconciler (``nap agent`` on the Slurm engine) looks at Slurm while nothing is starting.
+    slurm_poll: float = 1.0
 
     @classmethod
     def from_env(cls, env: dict[str, str] | None = None, **overrides) -> "Settings":

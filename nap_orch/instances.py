@@ -18,7 +18,7 @@ from pathlib import Path
 
 from . import apps, keys, profile, units
 from .engines.base import FAILED, RUNNING, STOPPED, InstanceStatus, UnitSpec
-from .errors import AppError, BadRequest, Cancelled, Exhausted, NapError, NotFound
+from .errors import AppError, BadRequest, Exhausted, NotFound
 from .names import InstanceName
 from .runner import JobContext, Runtime
 from .store import Store
@@ -226,7 +226,7 @@ async def start_common(ctx: JobContext, user: str, app: str, params: dict, count
             await ctx.log(f"submitted {len(submitted)}/{len(slots)} unit(s)")
             await ctx.progress(len(submitted), len(slots) * 2, phase="submitted")
         states = await wait_settled(ctx, [s.name for s in slots], len(slots))
-    except (NapError, asyncio.CancelledError, Exception) as e:
+    except BaseException as e:  # a failure, a cancel or a worker shutdown: leave nothing half-started
         await ctx.log(f"rolling back: {getattr(e, 'message', None) or type(e).__name__}")
         await rollback(ctx.rt, user, app, slots, submitted, host, ports)
         raise
@@ -381,5 +381,3 @@ def instance_profile(settings, inst: InstanceName) -> dict:
             return {"instance": inst.name, "file": filename, "text": path.read_text(errors="replace")}
     raise NotFound(f"no instance {inst.name!r}")
 
-
-__all__ = ["start_common", "list_instances", "get_port", "stop_instance", "start_instance", "Cancelled"]

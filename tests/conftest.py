@@ -7,7 +7,7 @@ from .stack import NapStack
 
 # Small limits so the size tests stay small; the defaults (512 MiB ...) are documented in the README.
 LIMITS = {"NAP_MAX_DOWNLOAD": str(1024 * 1024), "NAP_MAX_EXTRACT": str(4 * 1024 * 1024), "NAP_MAX_FILES": "100",
-          "NAP_RESTART_LIMIT": "3", "NAP_STOP_TIMEOUT": "3", "NAP_PORT_RANGE": "21000-21799",
+          "NAP_RESTART_LIMIT": "3", "NAP_STOP_TIMEOUT": "3", "NAP_PORT_RANGE": "21000-22999", "NAP_MAX_COUNT": "3000",
           "NAP_MAX_MPI_HOSTS": "4", "NAP_MPI_WAIT_TIMEOUT": "20"}
 
 

@@ -45,7 +45,7 @@ def test_job_record_and_event_stream(stack, user, file_server, tmp_path):
     lines = [e["data"]["line"] for e in events if e["event"] == "log"]
     assert any("downloading" in line for line in lines), lines
     assert any("extracted" in line for line in lines), lines
-    assert any(f"/services/url/" in line for line in lines), lines
+    assert any("/services/url/" in line for line in lines), lines
     # Replay from the middle with Last-Event-ID: exactly the events after it.
     middle = events[len(events) // 2]["id"]
     rest = list(client.events(f"/v1/jobs/{job['id']}/events", last_id=middle))

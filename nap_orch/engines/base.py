@@ -81,3 +81,7 @@ class Engine(abc.ABC):
     def host_for_ports(self) -> str | None:
         """The host whose ports to reserve before submit, or None when the host is known only later."""
         return None
+
+    async def check_room(self, count: int) -> None:
+        """Raise ``Exhausted`` when ``count`` more instances can't all get a port (engines whose hosts
+        are known only later check what they can before anything is reserved)."""

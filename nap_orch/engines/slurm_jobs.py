@@ -1,0 +1,174 @@
+"""Batch scripts for the Slurm engine: units translated into bash that runs exactly what they say.
+
+A common instance is one task of an array job; the script holds one ``case`` branch per task (the task
+id is the instance number, less the group's offset). A branch waits for the port the control plane
+assigns once the task's node is known (a file ``<run>/<job>.port``: "port host"), then runs the unit's
+command in its ``WorkingDirectory``, with its ``Environment`` plus ``PORT`` and ``NAP_HOST`` and nothing
+else (``env -i``, as systemd would), under its ``MemoryMax`` as an address-space limit (``--mem`` is the
+real one where Slurm enforces it), and writes the exit code to ``<run>/<job>.exit`` ("code signalled"):
+Slurm's own record of a job is gone ``MinJobAge`` after it ends, and this Slurm has no accounting.
+
+An MPI run is one job: the master's unit runs as the batch script (component 0 of a heterogeneous
+job), its slaves as one step over the slaves' tasks (component 1), and ``nap_orch.mpirun`` launches the
+program with ``srun --mpi=pmix`` over both components: one MPI world across the nodes.
+
+Words are quoted for bash with single quotes (``shlex.quote``): a value is data. The argv markers of
+``${PORT}`` and ``${NAP_HOST}`` become ``"${PORT}"``/``"${NAP_HOST}"``; other references take their
+value from the unit's environment, as systemd's expansion would.
+"""
+
+from __future__ import annotations
+
+import json
+import shlex
+
+from .. import units
+
+# Exit code of a branch whose WorkingDirectory can't be entered (systemd's 200/CHDIR).
+EXIT_CHDIR = 200
+
+PRELUDE = r"""
+nap_job=${SLURM_ARRAY_JOB_ID:+${SLURM_ARRAY_JOB_ID}_${SLURM_ARRAY_TASK_ID}}
+nap_job=${nap_job:-$SLURM_JOB_ID}
+nap_event() {  # a journal line like the local agent's: 2025-01-01T00:00:00.000Z nap: text
+    local TZ=UTC0 ms=${EPOCHREALTIME#*.}
+    printf '%(%Y-%m-%dT%H:%M:%S)T.%sZ nap: %s\n' "${EPOCHREALTIME%.*}" "${ms:0:3}" "$*"
+}
+nap_nap() {  # sleep $1 seconds without a process (read on a pipe nobody writes)
+    [ -n "$nap_fd" ] || exec {nap_fd}<> <(:)
+    read -t "$1" -u "$nap_fd"
+}
+nap_wait_port() {  # the port the control plane assigns to this job on this node
+    local file=$nap_run/$nap_job.port n=0 t=0.05
+    until [ -s "$file" ]; do
+        nap_nap $t
+        n=$((n + 1))
+        if [ $n -eq 200 ]; then
+            t=0.5
+            nap_event "still no port for job $nap_job on $SLURMD_NODENAME: is the nap agent running?"
+        fi
+    done
+    read -r PORT NAP_HOST < "$file"
+    nap_event "started on $NAP_HOST port $PORT (job $nap_job)"
+}
+nap_exec() {  # clean|keep WORKDIR MEMORY_KB NAME=VALUE... -- ARGV...: runs it, sets nap_code
+    local mode=$1 dir=$2 mem=$3 envs=()
+    shift 3
+    while [ "$1" != -- ]; do envs+=("$1"); shift; done
+    shift
+    nap_signalled=0
+    if ! cd -- "$dir"; then
+        nap_code=200
+        nap_event "could not enter $dir"
+        return
+    fi
+    if [ "$mode" = clean ]; then
+        ( [ "$mem" -gt 0 ] && ulimit -v "$mem"
+          exec env -i PATH="$PATH" HOME="${HOME:-/}" LANG="${LANG:-C.UTF-8}" "${envs[@]}" "$@" ) &
+    else
+        ( [ "$mem" -gt 0 ] && ulimit -v "$mem"; exec env "${envs[@]}" "$@" ) &
+    fi
+    nap_pid=$!
+    # Slurm's TERM (scancel, a node taken down, a time limit) reaches the program too; remember it.
+    trap 'nap_signalled=1; kill -TERM $nap_pid 2>/dev/null' TERM INT HUP
+    wait $nap_pid
+    nap_code=$?
+    while kill -0 $nap_pid 2>/dev/null; do wait $nap_pid; nap_code=$?; done
+}
+nap_end() {  # record how it ended, for after Slurm has forgotten the job
+    printf '%s %s\n' "$nap_code" "$nap_signalled" > "$nap_run/$nap_job.exit"
+    if [ "$nap_signalled" = 1 ]; then
+        nap_event "exited with code $nap_code (signalled by Slurm)"
+    else
+        nap_event "exited with code $nap_code"
+    fi
+    exit "$nap_code"
+}
+"""
+
+
+def bash_word(word: str, env: dict[str, str]) -> str:
+    """One argv word (with reference markers) as one bash word."""
+    parts = word.split(units.MARK)
+    out = []
+    for i, part in enumerate(parts):
+        if i % 2 == 0:
+            if part:
+                out.append(shlex.quote(part))
+        elif part in units.PLATFORM_VARS:
+            out.append('"${%s}"' % part)
+        else:
+            out.append(shlex.quote(env.get(part, "")))
+    return "".join(out) or "''"
+
+
+def memory_kib(unit: units.Unit) -> int:
+    return -(-unit.memory_max // 1024) if unit.memory_max else 0
+
+
+def memory_mib(unit: units.Unit) -> int | None:
+    """``--mem`` (MiB, rounded up) for a unit's ``MemoryMax``."""
+    return -(-unit.memory_max // (1024 * 1024)) if unit.memory_max else None
+
+
+def exec_line(unit: units.Unit, mode: str, extra_env: list[str] = (), memory: bool = True) -> str:
+    """``nap_exec`` of the unit: its folder, memory, environment and argv."""
+    env = [shlex.quote(f"{k}={v}") for k, v in unit.env.items() if k not in units.PLATFORM_VARS]
+    words = [bash_word(w, unit.env) for w in unit.argv]
+    mem = memory_kib(unit) if memory else 0
+    return " ".join(["nap_exec", mode, shlex.quote(unit.workdir), str(mem), *env, *extra_env, "--", *words])
+
+
+def header(options: list[str]) -> str:
+    return "\n".join(f"#SBATCH {opt}" for opt in options)
+
+
+def array_script(run_dir: str, branches: list[tuple[int, units.Unit]], options: list[str]) -> str:
+    """An array job's script: the branch of each task id runs that instance's unit."""
+    lines = ["#!/bin/bash", header(options), f"# nap-orch: {len(branches)} common instance(s), one array task each",
+             f"nap_run={shlex.quote(run_dir)}", PRELUDE, 'case "$SLURM_ARRAY_TASK_ID" in']
+    for task, unit in branches:
+        run = exec_line(unit, "clean", ['"PORT=${PORT}"', '"NAP_HOST=${NAP_HOST}"'])
+        lines.append(f"{task}) nap_wait_port; {run}; nap_end ;;  # {unit.name}")
+    lines += ['*) nap_event "no unit for array task $SLURM_ARRAY_TASK_ID"; exit 1 ;;', "esac", ""]
+    return "\n".join(lines)
+
+
+def slave_step(slaves: list[units.Unit], journals: list[str]) -> str:
+    """What each task of the slaves' step runs: slave ``SLURM_PROCID + 1``'s unit, into its own journal."""
+    lines = ['case "$SLURM_PROCID" in']
+    for i, (unit, journal) in enumerate(zip(slaves, journals)):
+        env = [shlex.quote(f"{k}={v}") for k, v in unit.env.items()]
+        words = [bash_word(w, unit.env) for w in unit.argv]
+        lines.append(
+            f"{i}) exec >> {shlex.quote(journal)} 2>&1; "
+            f'printf "%s nap: %s\\n" "$(date -u +%Y-%m-%dT%H:%M:%S.%3NZ)" "started on $SLURMD_NODENAME (job $SLURM_JOB_ID)"; '
+            f"cd {shlex.quote(unit.workdir)} && exec env {' '.join(env)} {' '.join(words)} ;;"
+        )
+    lines += ["esac"]
+    return "\n".join(lines)
+
+
+def mpi_script(run_dir: str, master: units.Unit, slaves: list[units.Unit], slave_journals: list[str],
+               options: list[str], slave_srun: list[str], launch: list[str], mpi_env: dict[str, str]) -> str:
+    """An MPI run's script: the slaves' step in the background, the master (which launches the ranks
+    with ``launch`` + the program), then the slaves' step is waited for."""
+    exports = [f"export {k}={shlex.quote(v)}" for k, v in mpi_env.items()]
+    launch_env = shlex.quote("NAP_MPI_LAUNCH=" + json.dumps(launch))
+    lines = [
+        "#!/bin/bash", header(options),
+        f"# nap-orch: MPI run {master.name}: a master and {len(slaves)} slave(s)",
+        f"nap_run={shlex.quote(run_dir)}", PRELUDE, *exports,
+        f'nap_event "job $SLURM_JOB_ID: master on $SLURMD_NODENAME, slaves on '
+        f'${{SLURM_JOB_NODELIST_HET_GROUP_1:-$SLURM_JOB_NODELIST}}"',
+        f"nap_slave={shlex.quote(slave_step(slaves, slave_journals))}",
+        " ".join(shlex.quote(w) for w in slave_srun) + ' bash -c "$nap_slave" &',
+        "nap_slaves=$!",
+        exec_line(master, "keep", [launch_env], memory=False),
+        # the slaves leave when the run's record says it ended; don't wait for ever if one can't
+        "for i in $(seq 100); do kill -0 $nap_slaves 2>/dev/null || break; nap_nap 0.1; done",
+        "kill -TERM $nap_slaves 2>/dev/null",
+        "nap_end",
+        "",
+    ]
+    return "\n".join(lines)
