@@ -1197,6 +1197,10 @@ def main() -> None:
     """``python -m nap_orch.agent``: the agent with ``Settings.from_env()``, until SIGTERM or SIGINT."""
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(levelname)s %(message)s")
     settings = Settings.from_env()
+    if settings.engine == "slurm":  # Slurm runs the instances; the agent watches them (restarts, ports)
+        from .slurm_reconciler import main as reconcile
+
+        return reconcile(settings)
 
     async def run() -> None:
         task = asyncio.current_task()

@@ -192,6 +192,8 @@ async def start_common(ctx: JobContext, user: str, app: str, params: dict, count
     owner = ctx.job.id
     host = engine.host_for_ports()
     await ctx.log(f"starting {count} instance(s) of {user}_{app} on the {engine.name} engine")
+    if host is None:  # ports are reserved once the hosts are known: can they all get one?
+        await engine.check_room(count)
 
     numbers = await reserve_numbers(store, settings, user, app, count, owner)
     slots = [Slot(n, f"{user}_{app}_common@{n}") for n in numbers]
@@ -212,8 +214,11 @@ async def start_common(ctx: JobContext, user: str, app: str, params: dict, count
             out = []
             for s in chunk:
                 folder = instance_dir(settings, user, app, s.n)
+                # Where the port and host are known only once the instance runs, the copy gets the units'
+                # markers for them (no value can hold one) and the engine fills them in then.
                 write_copy(src, folder, spec, {**values, "instance": str(s.n), "user": user, "app": app,
-                                               **({"port": str(s.port)} if s.port else {}), **({"host": host} if host else {})})
+                                               "port": str(s.port) if s.port else units.PORT_REF,
+                                               "host": host or units.HOST_REF})
                 out.append(render_unit(settings, spec, s, folder, values, user, app, host))
             return out
 
@@ -232,7 +237,13 @@ async def start_common(ctx: JobContext, user: str, app: str, params: dict, count
         raise
     running = [s for s in slots if states[s.name].state == RUNNING]
     failed = [s for s in slots if states[s.name].state != RUNNING]
-    await publish_ports(store, user, app, running, states, host)
+    if host is None:  # the engine reserved and published the ports on the hosts the instances run on
+        published = await store.get_prefix(keys.PORTS_OF_APP.format(user=user, app=app))
+        for s in running:
+            raw = published.get(keys.PORT.format(user=user, app=app, n=s.n))
+            s.port = json.loads(raw)["port"] if raw else None
+    else:
+        await publish_ports(store, user, app, running, states, host)
     seconds = round(time.monotonic() - t0, 3)
     await ctx.log(f"{len(running)} running, {len(failed)} not running, in {seconds} s")
     result = {

@@ -63,7 +63,11 @@ async def master(args, program: list[str]) -> int:
         ranks = sum(hosts.values())
         print(f"master: hostfile {dict(hosts)}; running {ranks} ranks", flush=True)
         await set_state(store, run_key, state="running", ranks=ranks)
-        argv = [settings.mpirun, "--hostfile", "hostfile", "-np", str(ranks), "--oversubscribe", *program]
+        # A cluster engine may launch the ranks its own way inside the run's allocation (Slurm: one
+        # ``srun --mpi=pmix`` step over the master's and the slaves' tasks): NAP_MPI_LAUNCH, a JSON argv.
+        launch = json.loads(os.environ["NAP_MPI_LAUNCH"]) if os.environ.get("NAP_MPI_LAUNCH") else \
+            [settings.mpirun, "--hostfile", "hostfile", "-np", str(ranks), "--oversubscribe"]
+        argv = [*launch, *program]
         print("master: " + " ".join(argv), flush=True)
         proc = await asyncio.create_subprocess_exec(*argv)
         loop = asyncio.get_running_loop()

@@ -116,7 +116,7 @@ def up(settings: Settings, args) -> int:
             token_file.chmod(0o600)
         env["NAP_ADMIN_TOKEN"] = token
         api_port = args.port or settings.api_port
-        if settings.engine == "local":
+        if settings.engine in ("local", "slurm"):  # on Slurm, the agent is the jobs' reconciler
             proc, log = stack.spawn("agent", [sys.executable, "-m", "nap_orch.agent"], env)
             sock = Settings.from_env(env).agent_socket_path
             wait_for(lambda: _socket_answers(sock), "agent", proc, log)

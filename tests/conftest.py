@@ -41,3 +41,64 @@ def redis_stack(tmp_path_factory, redis_server):
 def user(stack):
     """A fresh user of the etcd stack: (name, client)."""
     return stack.add_user()
+
+
+# -- the Slurm engine: stacks on private Slurm clusters (tests/slurm_cluster.py) -------------------
+# Two slurmd "nodes" share this machine, hence its hostname: Open MPI's shared-memory segment names of
+# ranks on n1 and n2 would collide, so ranks talk TCP.
+SLURM_ENV = {"NAP_SLURM_MPI_ENV": "OMPI_MCA_btl=self,tcp"}
+
+
+def slurm_stack_on(tmp_path_factory, redis_server, etcd_server, name: str, nodes: int, port_range: str,
+                   extra_env: dict | None = None, **cluster_args) -> NapStack:
+    """A started SlurmCluster of ``nodes`` nodes and a started NapStack with the slurm engine on it
+    (``stack.cluster``); the caller stops both. Skips where this machine can't run Slurm."""
+    from .slurm_cluster import SlurmCluster, slurm_available
+
+    ok, why = slurm_available()
+    if not ok:
+        pytest.skip(f"no Slurm here: {why}")
+    cluster = SlurmCluster(tmp_path_factory.mktemp(name), nodes=nodes, **cluster_args).start()
+    s = NapStack(tmp_path_factory.mktemp(f"nap-{name}"), redis_server.url, etcd_server.endpoint, engine="slurm",
+                 extra_env={**LIMITS, **SLURM_ENV, **cluster.env, "NAP_PORT_RANGE": port_range, **(extra_env or {})})
+    s.cluster = cluster
+    try:
+        s.start()
+    except BaseException:
+        s.stop()
+        cluster.stop()
+        raise
+    return s
+
+
+@pytest.fixture(scope="session")
+def slurm_stack(tmp_path_factory, redis_server, etcd_server):
+    """The stack on a one-node Slurm cluster (the state store: the session's etcd)."""
+    s = slurm_stack_on(tmp_path_factory, redis_server, etcd_server, "slurm1", 1, "23000-24999")
+    yield s
+    s.stop()
+    s.cluster.stop()
+
+
+@pytest.fixture(scope="session")
+def slurm2_stack(tmp_path_factory, redis_server, etcd_server):
+    """The stack on a two-node Slurm cluster (n1 and n2, both on this machine)."""
+    s = slurm_stack_on(tmp_path_factory, redis_server, etcd_server, "slurm2", 2, "25000-26999")
+    yield s
+    s.stop()
+    s.cluster.stop()
+
+
+ENGINES = ["local", pytest.param("slurm", marks=pytest.mark.slurm_engine), pytest.param("slurm2", marks=pytest.mark.slurm_engine)]
+
+
+@pytest.fixture(params=ENGINES)
+def engine_stack(request):
+    """The contract tests' stack: the local engine's, then the one- and the two-node Slurm cluster's."""
+    return request.getfixturevalue({"local": "stack", "slurm": "slurm_stack", "slurm2": "slurm2_stack"}[request.param])
+
+
+@pytest.fixture
+def engine_user(engine_stack):
+    """A fresh user of ``engine_stack``: (name, client)."""
+    return engine_stack.add_user()

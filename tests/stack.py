@@ -96,17 +96,19 @@ class NapStack:
             self.kill(name, signal.SIGTERM) if name != "worker" else self.kill(name, signal.SIGKILL)
         self.kill_instances()
 
-    def instance_pids(self) -> list[int]:
-        """Processes running in this stack's instance folders (instances outlive the agent by design)."""
+    def instance_pids(self, marker: str = "") -> list[int]:
+        """Processes running in this stack's instance folders (instances outlive the agent by design),
+        optionally only those whose folder's path contains ``marker`` (``alice_web_``)."""
         root = str(self.home / "apps")
         pids = []
         for entry in os.listdir("/proc"):
             if entry.isdigit():
                 try:
-                    if os.readlink(f"/proc/{entry}/cwd").startswith(root):
-                        pids.append(int(entry))
-                except OSError:
-                    pass
+                    cwd = os.readlink(f"/proc/{entry}/cwd")
+                except OSError:  # gone meanwhile
+                    continue
+                if cwd.startswith(root) and marker in cwd:
+                    pids.append(int(entry))
         return pids
 
     def kill_instances(self) -> None:

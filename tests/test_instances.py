@@ -25,7 +25,9 @@ NASTY = ["a b", "$(touch /tmp/nap-pwned)", "; rm -rf ~", "%n", '"quoted"', "back
 ARGV_APP = {
     "profile": "command: python3 argv.py {a} --x={b} {port}\n",
     "argv.py": "import json, os, sys, time\n"
-               "json.dump({'argv': sys.argv[1:], 'port': os.environ['PORT']}, open('argv.json', 'w'))\n"
+               "with open('argv.tmp', 'w') as f:\n"
+               "    json.dump({'argv': sys.argv[1:], 'port': os.environ['PORT']}, f)\n"
+               "os.rename('argv.tmp', 'argv.json')  # whole when it appears\n"
                "print('ready', flush=True)\n"
                "time.sleep(100000)\n",
 }
@@ -46,6 +48,17 @@ def deployed(stack, client, file_server, tmp_path, files: dict, app: str = "app"
     return app
 
 
+def reach(stack, host: str) -> str:
+    """The address of an instance's host: the agent's host, or a Slurm node (the test clusters' nodes
+    all run on this machine, so they are reached at 127.0.0.1)."""
+    cluster = getattr(stack, "cluster", None)
+    if cluster is None:
+        assert host == "127.0.0.1"
+        return host
+    assert host in cluster.node_names
+    return "127.0.0.1"
+
+
 def start(stack, client, app: str, params: dict | str, count: int | None = None, timeout: float = 120) -> dict:
     body = {"params": params}
     if count:
@@ -64,25 +77,25 @@ def wait_instance(client, name: str, pred, timeout: float = 30.0) -> dict:
     raise AssertionError(f"{name} never matched: {st}")
 
 
-def test_start_common_runs_instances_with_ports(stack, user, file_server, tmp_path):
-    name, client = user
+def test_start_common_runs_instances_with_ports(engine_stack, engine_user, file_server, tmp_path):
+    name, client = engine_user
     web = web_app(tmp_path / "web")
-    assert deploy(stack, client, "web", publish(file_server, web, "tgz"))["state"] == "succeeded"
-    job = start(stack, client, "web", {"name": "n1", "greeting": "hi"})
+    assert deploy(engine_stack, client, "web", publish(file_server, web, "tgz"))["state"] == "succeeded"
+    job = start(engine_stack, client, "web", {"name": "n1", "greeting": "hi"})
     assert job["state"] == "succeeded", job
     result = job["result"]
     assert result["count"] == 2 and result["running"] == 2  # the profile's scale: 2
     names = [i["name"] for i in result["instances"]]
     assert names == [f"{name}_web_common@1", f"{name}_web_common@2"]
-    ports = etcd_prefix(stack, f"/services/port/{name}/web/")
+    ports = etcd_prefix(engine_stack, f"/services/port/{name}/web/")
     assert set(ports) == {f"/services/port/{name}/web/1", f"/services/port/{name}/web/2"}
     for inst in names:
         port = client.get(f"/v1/instances/{inst}/port")
-        assert port["host"] == "127.0.0.1"
+        address = reach(engine_stack, port["host"])
         deadline = time.monotonic() + 10
         while True:  # the process is up; its socket may take a moment longer
             try:
-                with socket.create_connection((port["host"], port["port"]), timeout=2) as s:
+                with socket.create_connection((address, port["port"]), timeout=2) as s:
                     assert s.recv(100) == f"hello from {port['port']}".encode()
                 break
             except ConnectionRefusedError:
@@ -100,14 +113,14 @@ def test_start_common_runs_instances_with_ports(stack, user, file_server, tmp_pa
     assert units.verify(unit, names[0] + ".service") == ""
 
 
-def test_parameter_values_arrive_as_exact_single_arguments(stack, user, file_server, tmp_path):
-    name, client = user
-    deployed(stack, client, file_server, tmp_path, ARGV_APP, "argv")
+def test_parameter_values_arrive_as_exact_single_arguments(engine_stack, engine_user, file_server, tmp_path):
+    name, client = engine_user
+    deployed(engine_stack, client, file_server, tmp_path, ARGV_APP, "argv")
     for value in NASTY:
-        job = start(stack, client, "argv", {"a": value, "b": value}, count=1)
+        job = start(engine_stack, client, "argv", {"a": value, "b": value}, count=1)
         assert job["state"] == "succeeded", job
         inst = job["result"]["instances"][0]
-        folder = stack.home / "apps" / name / f"{name}_argv_{inst['n']}"
+        folder = engine_stack.home / "apps" / name / f"{name}_argv_{inst['n']}"
         deadline = time.monotonic() + 10
         while not (folder / "argv.json").exists():
             assert time.monotonic() < deadline
@@ -128,18 +141,18 @@ def test_control_characters_are_refused(stack, user, file_server, tmp_path, valu
     assert e.value.status == 400 and "control characters" in e.value.body["message"]
 
 
-def test_unknown_and_missing_parameters(stack, user, file_server, tmp_path):
-    name, client = user
-    deployed(stack, client, file_server, tmp_path, ARGV_APP, "params")
+def test_unknown_and_missing_parameters(engine_stack, engine_user, file_server, tmp_path):
+    name, client = engine_user
+    deployed(engine_stack, client, file_server, tmp_path, ARGV_APP, "params")
     with pytest.raises(ApiError) as e:
         client.post("/v1/apps/params/instances", {"params": {"a": "1", "b": "2", "c": "3"}})
     assert e.value.status == 400 and "unknown parameter" in e.value.body["message"] and "c" in e.value.body["message"]
-    job = start(stack, client, "params", {"a": "1"})
+    job = start(engine_stack, client, "params", {"a": "1"})
     assert job["state"] == "failed" and "missing parameter(s): b" in job["error"]
-    assert not list((stack.home / "apps").glob(f"{name}/{name}_params_*"))
-    assert etcd_prefix(stack, f"/nap/instances/{name}/params/") == {}
+    assert not list((engine_stack.home / "apps").glob(f"{name}/{name}_params_*"))
+    assert etcd_prefix(engine_stack, f"/nap/instances/{name}/params/") == {}
     # the seed's para_str: values in get_parameters' order
-    job = start(stack, client, "params", "x,y", count=1)
+    job = start(engine_stack, client, "params", "x,y", count=1)
     assert job["state"] == "succeeded", job
     with pytest.raises(ApiError) as e:
         client.post("/v1/apps/params/instances", {"params": "only-one"})
@@ -153,10 +166,10 @@ def test_start_common_of_an_app_that_is_not_deployed(stack, user):
     assert e.value.status == 404
 
 
-def test_stop_start_keeps_folder_and_port(stack, user, file_server, tmp_path):
-    name, client = user
-    deployed(stack, client, file_server, tmp_path, ARGV_APP, "toggle")
-    job = start(stack, client, "toggle", {"a": "1", "b": "2"}, count=1)
+def test_stop_start_keeps_folder_and_port(engine_stack, engine_user, file_server, tmp_path):
+    name, client = engine_user
+    deployed(engine_stack, client, file_server, tmp_path, ARGV_APP, "toggle")
+    job = start(engine_stack, client, "toggle", {"a": "1", "b": "2"}, count=1)
     inst = job["result"]["instances"][0]
     port = client.get(f"/v1/instances/{inst['name']}/port")["port"]
     stopped = client.post(f"/v1/instances/{inst['name']}/stop")
@@ -171,13 +184,13 @@ def test_stop_start_keeps_folder_and_port(stack, user, file_server, tmp_path):
     assert st["port"]["port"] == port
 
 
-def test_journal_last_lines_and_follow(stack, user, file_server, tmp_path):
-    _, client = user
+def test_journal_last_lines_and_follow(engine_stack, engine_user, file_server, tmp_path):
+    _, client = engine_user
     app = {"profile": "command: python3 tick.py\n",
            "tick.py": "import sys, time\nfor i in range(100000):\n"
                       "    print('tick', i, flush=True); print('err', i, file=sys.stderr, flush=True); time.sleep(0.2)\n"}
-    deployed(stack, client, file_server, tmp_path, app, "tick")
-    inst = start(stack, client, "tick", {}, count=1)["result"]["instances"][0]["name"]
+    deployed(engine_stack, client, file_server, tmp_path, app, "tick")
+    inst = start(engine_stack, client, "tick", {}, count=1)["result"]["instances"][0]["name"]
     time.sleep(1.5)
     lines = list(client.lines(f"/v1/instances/{inst}/journal", lines=4))
     assert 1 <= len(lines) <= 4 and any("tick" in line for line in lines + list(client.lines(f"/v1/instances/{inst}/journal", lines=50)))
@@ -198,14 +211,14 @@ def test_journal_last_lines_and_follow(stack, user, file_server, tmp_path):
     assert any("err" in line for line in followed)
 
 
-def test_crashing_command_backs_off_and_gives_up(stack, user, file_server, tmp_path):
-    _, client = user
+def test_crashing_command_backs_off_and_gives_up(engine_stack, engine_user, file_server, tmp_path):
+    _, client = engine_user
     app = {"profile": "command: sh -c 'echo about to fail; exit 3'\n"}
-    deployed(stack, client, file_server, tmp_path, app, "crash")
-    job = start(stack, client, "crash", {}, count=1)
-    name = f"{user[0]}_crash_common@1"
+    deployed(engine_stack, client, file_server, tmp_path, app, "crash")
+    job = start(engine_stack, client, "crash", {}, count=1)
+    name = f"{engine_user[0]}_crash_common@1"
     st = wait_instance(client, name, lambda s: s["state"] == "failed", timeout=60)
-    assert st["exit_code"] == 3 and st["restarts"] == 3  # NAP_RESTART_LIMIT of the test stack
+    assert st["exit_code"] == 3 and st["restarts"] == 3  # NAP_RESTART_LIMIT of the test stacks
     journal = "\n".join(client.lines(f"/v1/instances/{name}/journal", lines=200))
     assert journal.count("about to fail") == 4
     assert job["state"] in ("succeeded", "failed")
@@ -213,11 +226,11 @@ def test_crashing_command_backs_off_and_gives_up(stack, user, file_server, tmp_p
     assert listing[0]["state"] == "failed" and listing[0]["exit_code"] == 3
 
 
-def test_other_users_instances_answer_404(stack, file_server, tmp_path):
-    alice, a = stack.add_user()
-    _, b = stack.add_user()
-    deployed(stack, a, file_server, tmp_path, ARGV_APP, "mine")
-    inst = start(stack, a, "mine", {"a": "1", "b": "2"}, count=1)["result"]["instances"][0]["name"]
+def test_other_users_instances_answer_404(engine_stack, file_server, tmp_path):
+    alice, a = engine_stack.add_user()
+    _, b = engine_stack.add_user()
+    deployed(engine_stack, a, file_server, tmp_path, ARGV_APP, "mine")
+    inst = start(engine_stack, a, "mine", {"a": "1", "b": "2"}, count=1)["result"]["instances"][0]["name"]
     for method, path in (("get", "port"), ("get", "journal"), ("post", "stop"), ("post", "start"), ("get", "profile"), ("get", "unit")):
         with pytest.raises(ApiError) as e:
             getattr(b, method)(f"/v1/instances/{inst}/{path}")
@@ -231,26 +244,26 @@ def test_other_users_instances_answer_404(stack, file_server, tmp_path):
     assert e.value.status == 400
 
 
-def test_port_range_exhausted_fails_cleanly(stack, user, file_server, tmp_path):
-    name, client = user
-    deployed(stack, client, file_server, tmp_path, {"profile": "command: sleep 100000\n"}, "hog")
-    before = len(etcd_prefix(stack, "/nap/ports/127.0.0.1/"))
-    job = start(stack, client, "hog", {}, count=2500)  # the test stack's range has 2000 ports
+def test_port_range_exhausted_fails_cleanly(engine_stack, engine_user, file_server, tmp_path):
+    name, client = engine_user
+    deployed(engine_stack, client, file_server, tmp_path, {"profile": "command: sleep 100000\n"}, "hog")
+    before = len(etcd_prefix(engine_stack, "/nap/ports/"))
+    job = start(engine_stack, client, "hog", {}, count=2500)  # the test stacks' ranges have 2000 ports (shared by n1 and n2)
     assert job["state"] == "failed" and "exhausted" in job["error"], job
-    assert not list((stack.home / "apps").glob(f"{name}/{name}_hog_*"))
-    assert etcd_prefix(stack, f"/nap/instances/{name}/hog/") == {}
-    assert len(etcd_prefix(stack, "/nap/ports/127.0.0.1/")) == before
+    assert not list((engine_stack.home / "apps").glob(f"{name}/{name}_hog_*"))
+    assert etcd_prefix(engine_stack, f"/nap/instances/{name}/hog/") == {}
+    assert len(etcd_prefix(engine_stack, "/nap/ports/")) == before
     assert client.get("/v1/apps/hog/instances")["count"] == 0
     # numbers were released: the next launch starts at 1
-    job = start(stack, client, "hog", {}, count=1)
+    job = start(engine_stack, client, "hog", {}, count=1)
     assert job["result"]["instances"][0]["name"] == f"{name}_hog_common@1"
 
 
-def test_concurrent_launches_never_share_numbers_or_ports(stack, user, file_server, tmp_path):
-    name, client = user
-    deployed(stack, client, file_server, tmp_path, {"profile": "command: sleep 100000\n"}, "par")
+def test_concurrent_launches_never_share_numbers_or_ports(engine_stack, engine_user, file_server, tmp_path):
+    name, client = engine_user
+    deployed(engine_stack, client, file_server, tmp_path, {"profile": "command: sleep 100000\n"}, "par")
     jobs = [client.post("/v1/apps/par/instances", {"params": {}, "count": 40})["job"] for _ in range(3)]
-    results = [stack.wait_job(client, j, 120) for j in jobs]
+    results = [engine_stack.wait_job(client, j, 120) for j in jobs]
     assert all(r["state"] == "succeeded" for r in results), results
     insts = [i for r in results for i in r["result"]["instances"]]
     assert sorted(i["n"] for i in insts) == list(range(1, 121))
@@ -258,13 +271,13 @@ def test_concurrent_launches_never_share_numbers_or_ports(stack, user, file_serv
     assert client.get("/v1/apps/par/instances/count")["count"] == 120
 
 
-def test_bulk_launch_with_cli_wait_prints_summary(stack, file_server, tmp_path):
-    name, client = stack.add_user()
-    deployed(stack, client, file_server, tmp_path, {"profile": "command: sleep 100000\n"}, "bulk")
-    out = run_cli(stack, client.token, "start_common", f"{name}_bulk", "--count", "300", "--wait", timeout=300)
+def test_bulk_launch_with_cli_wait_prints_summary(engine_stack, file_server, tmp_path):
+    name, client = engine_stack.add_user()
+    deployed(engine_stack, client, file_server, tmp_path, {"profile": "command: sleep 100000\n"}, "bulk")
+    out = run_cli(engine_stack, client.token, "start_common", f"{name}_bulk", "--count", "300", "--wait", timeout=300)
     assert out.returncode == 0, out.stderr
     assert "running: 300, failed: 0" in out.stdout
-    ports = etcd_prefix(stack, f"/services/port/{name}/bulk/")
+    ports = etcd_prefix(engine_stack, f"/services/port/{name}/bulk/")
     assert len(ports) == 300
     assert len({json.loads(v)["port"] for v in ports.values()}) == 300
     listing = client.get("/v1/apps/bulk/instances")
@@ -286,7 +299,7 @@ def test_agent_killed_instances_survive_and_are_adopted(stack, user, file_server
     for inst, pid in pids.items():
         if inst != victim:
             assert client.get(f"/v1/instances/{inst}")["pid"] == pid
-    procs = [p for p in stack.instance_pids() if f"{name}_sturdy_" in os.readlink(f"/proc/{p}/cwd")]
+    procs = stack.instance_pids(f"{name}_sturdy_")
     assert len(procs) == 3  # no duplicates, none lost
     assert st["port"]["port"] == job["result"]["instances"][0]["port"]  # same unit, same port
 
@@ -317,21 +330,21 @@ def test_cli_takes_pairs_and_para_str(stack, file_server, tmp_path):
     assert out.returncode != 0 and "unknown parameter" in out.stderr
 
 
-def test_cancel_a_running_launch_rolls_it_back(stack, user, file_server, tmp_path):
-    name, client = user
-    deployed(stack, client, file_server, tmp_path, {"profile": "command: sleep 100000\n"}, "undo")
+def test_cancel_a_running_launch_rolls_it_back(engine_stack, engine_user, file_server, tmp_path):
+    name, client = engine_user
+    deployed(engine_stack, client, file_server, tmp_path, {"profile": "command: sleep 100000\n"}, "undo")
     job = client.post("/v1/apps/undo/instances", {"params": {}, "count": 400})["job"]  # two batches
     for ev in client.events(f"/v1/jobs/{job}/events"):
         if ev["event"] == "log" and ev["data"]["line"].startswith("submitted 250/"):
             client.post(f"/v1/jobs/{job}/cancel")
             break
-    rec = stack.wait_job(client, job)
+    rec = engine_stack.wait_job(client, job)
     assert rec["state"] == "cancelled", rec
     assert client.get("/v1/apps/undo/instances")["count"] == 0
-    assert not list((stack.home / "apps" / name).glob(f"{name}_undo_*"))
-    assert etcd_prefix(stack, f"/nap/instances/{name}/undo/") == {}
-    assert etcd_prefix(stack, f"/services/port/{name}/undo/") == {}
-    assert not [p for p in stack.instance_pids() if f"{name}_undo_" in os.readlink(f"/proc/{p}/cwd")]
+    assert not list((engine_stack.home / "apps" / name).glob(f"{name}_undo_*"))
+    assert etcd_prefix(engine_stack, f"/nap/instances/{name}/undo/") == {}
+    assert etcd_prefix(engine_stack, f"/services/port/{name}/undo/") == {}
+    assert not engine_stack.instance_pids(f"{name}_undo_")
 
 
 def test_instances_keep_running_when_api_and_workers_restart(stack, user, file_server, tmp_path):

@@ -80,12 +80,12 @@ def slaves_gone(client, app: str, run: int, timeout: float = 30) -> list[dict]:
     raise AssertionError(f"slaves of run {run} still running: {rows}")
 
 
-def test_c_program_sums_ranks_and_parameter_reaches_every_rank(stack, user, file_server, tmp_path):
-    name, client = user
+def test_c_program_sums_ranks_and_parameter_reaches_every_rank(engine_stack, engine_user, file_server, tmp_path):
+    name, client = engine_user
     files = {"mpi.xml": "from: sum.c\nto: sum\nhosts: 3\nargs: {label}\n", "sum.c": SUM_C}
-    assert mpi_app(stack, client, file_server, tmp_path, "sum", files)["state"] == "succeeded"
+    assert mpi_app(engine_stack, client, file_server, tmp_path, "sum", files)["state"] == "succeeded"
     assert client.get("/v1/apps/sum/parameters")["parameters"] == ["label"]
-    job = launch(stack, client, "sum", {"label": "x y $z"})
+    job = launch(engine_stack, client, "sum", {"label": "x y $z"})
     assert job["state"] == "succeeded", job
     res = job["result"]
     assert res["master"] == f"{name}_sum_mpi_master@{res['run']}"
@@ -98,17 +98,17 @@ def test_c_program_sums_ranks_and_parameter_reaches_every_rank(stack, user, file
     assert out.count("got [x y $z]") == 4
     rows = slaves_gone(client, "sum", res["run"])
     assert len(rows) == 3
-    assert etcd_prefix(stack, f"/services/mpi/{name}/sum/{res['run']}/") == {}
+    assert etcd_prefix(engine_stack, f"/services/mpi/{name}/sum/{res['run']}/") == {}
     assert "hosts: 3" in client.get(f"/v1/instances/{res['master']}/profile")["text"]
 
 
-def test_mpi4py_program_and_two_runs_at_once(stack, user, file_server, tmp_path):
-    name, client = user
+def test_mpi4py_program_and_two_runs_at_once(engine_stack, engine_user, file_server, tmp_path):
+    name, client = engine_user
     files = {"mpi.xml": "command: python3 hello.py {word}\nhosts: 3\n", "hello.py": HELLO_PY}
-    assert mpi_app(stack, client, file_server, tmp_path, "py", files)["state"] == "succeeded"
+    assert mpi_app(engine_stack, client, file_server, tmp_path, "py", files)["state"] == "succeeded"
     a = client.post("/v1/apps/py/mpi", {"params": {"word": "first"}})["job"]
     b = client.post("/v1/apps/py/mpi", {"params": {"word": "second"}})["job"]
-    ja, jb = stack.wait_job(client, a, 120), stack.wait_job(client, b, 120)
+    ja, jb = engine_stack.wait_job(client, a, 120), engine_stack.wait_job(client, b, 120)
     assert ja["state"] == jb["state"] == "succeeded", (ja, jb)
     runs = {ja["result"]["run"], jb["result"]["run"]}
     assert len(runs) == 2
@@ -121,11 +121,11 @@ def test_mpi4py_program_and_two_runs_at_once(stack, user, file_server, tmp_path)
         assert "got [first]" not in out if word == "second" else "got [second]" not in out
 
 
-def test_rank_crash_fails_the_run_and_leaves_no_slave(stack, user, file_server, tmp_path):
-    name, client = user
+def test_rank_crash_fails_the_run_and_leaves_no_slave(engine_stack, engine_user, file_server, tmp_path):
+    name, client = engine_user
     files = {"mpi.xml": "from: sum.c\nto: sum\nhosts: 2\nargs: hello {crash_rank}\n", "sum.c": SUM_C}
-    assert mpi_app(stack, client, file_server, tmp_path, "boom", files)["state"] == "succeeded"
-    job = launch(stack, client, "boom", {"crash_rank": "2"})
+    assert mpi_app(engine_stack, client, file_server, tmp_path, "boom", files)["state"] == "succeeded"
+    job = launch(engine_stack, client, "boom", {"crash_rank": "2"})
     assert job["state"] == "succeeded", job
     done = wait_master(client, "boom", job["result"]["run"])
     assert done["master"]["state"] == "failed" and done["master"]["exit_code"] != 0, done
@@ -133,11 +133,11 @@ def test_rank_crash_fails_the_run_and_leaves_no_slave(stack, user, file_server, 
     slaves_gone(client, "boom", job["result"]["run"])
 
 
-def test_stop_master_stops_the_whole_run(stack, user, file_server, tmp_path):
-    name, client = user
+def test_stop_master_stops_the_whole_run(engine_stack, engine_user, file_server, tmp_path):
+    name, client = engine_user
     files = {"mpi.xml": "command: sleep {secs}\nhosts: 2\n"}
-    assert mpi_app(stack, client, file_server, tmp_path, "long", files)["state"] == "succeeded"
-    job = launch(stack, client, "long", {"secs": "1000"})
+    assert mpi_app(engine_stack, client, file_server, tmp_path, "long", files)["state"] == "succeeded"
+    job = launch(engine_stack, client, "long", {"secs": "1000"})
     assert job["state"] == "succeeded", job
     client.post(f"/v1/instances/{job['result']['master']}/stop")
     rows = slaves_gone(client, "long", job["result"]["run"])
@@ -145,13 +145,13 @@ def test_stop_master_stops_the_whole_run(stack, user, file_server, tmp_path):
     assert client.get(f"/v1/instances/{job['result']['master']}")["state"] == "stopped"
 
 
-def test_compile_error_fails_the_job_with_the_compilers_message(stack, user, file_server, tmp_path):
-    name, client = user
+def test_compile_error_fails_the_job_with_the_compilers_message(engine_stack, engine_user, file_server, tmp_path):
+    name, client = engine_user
     files = {"mpi.xml": "from: bad.c\nto: bad\nhosts: 1\n", "bad.c": "int main( { this is not C }\n"}
-    assert mpi_app(stack, client, file_server, tmp_path, "bad", files)["state"] == "succeeded"
-    job = launch(stack, client, "bad", {})
+    assert mpi_app(engine_stack, client, file_server, tmp_path, "bad", files)["state"] == "succeeded"
+    job = launch(engine_stack, client, "bad", {})
     assert job["state"] == "failed" and "compile error" in job["error"] and "bad.c" in job["error"], job
-    assert not list((stack.home / "apps" / name).glob(f"{name}_bad_*"))
+    assert not list((engine_stack.home / "apps" / name).glob(f"{name}_bad_*"))
     assert client.get("/v1/apps/bad/instances")["count"] == 0
 
 

@@ -39,16 +39,17 @@ nap_nap() {  # sleep $1 seconds without a process (read on a pipe nobody writes)
     read -t "$1" -u "$nap_fd"
 }
 nap_wait_port() {  # the port the control plane assigns to this job on this node
-    local file=$nap_run/$nap_job.port n=0 t=0.05
-    until [ -s "$file" ]; do
+    # polls back off to once a second: a thousand tasks polling ten times a second would keep two
+    # cores half busy
+    local file=$nap_run/$nap_job.port n=0 t=0.1
+    until [ -s "$file" ] && read -r PORT NAP_HOST < "$file"; do  # a whole line: written at once
         nap_nap $t
+        case $t in 0.1) t=0.15 ;; 0.15) t=0.25 ;; 0.25) t=0.4 ;; 0.4) t=0.6 ;; 0.6) t=1 ;; esac
         n=$((n + 1))
-        if [ $n -eq 200 ]; then
-            t=0.5
+        if [ $n -eq 60 ]; then
             nap_event "still no port for job $nap_job on $SLURMD_NODENAME: is the nap agent running?"
         fi
     done
-    read -r PORT NAP_HOST < "$file"
     nap_event "started on $NAP_HOST port $PORT (job $nap_job)"
 }
 nap_exec() {  # clean|keep WORKDIR MEMORY_KB NAME=VALUE... -- ARGV...: runs it, sets nap_code
@@ -159,8 +160,8 @@ def mpi_script(run_dir: str, master: units.Unit, slaves: list[units.Unit], slave
         "#!/bin/bash", header(options),
         f"# nap-orch: MPI run {master.name}: a master and {len(slaves)} slave(s)",
         f"nap_run={shlex.quote(run_dir)}", PRELUDE, *exports,
-        f'nap_event "job $SLURM_JOB_ID: master on $SLURMD_NODENAME, slaves on '
-        f'${{SLURM_JOB_NODELIST_HET_GROUP_1:-$SLURM_JOB_NODELIST}}"',
+        'nap_event "job $SLURM_JOB_ID: master on $SLURMD_NODENAME, slaves on '
+        '${SLURM_JOB_NODELIST_HET_GROUP_1:-$SLURM_JOB_NODELIST}"',
         f"nap_slave={shlex.quote(slave_step(slaves, slave_journals))}",
         " ".join(shlex.quote(w) for w in slave_srun) + ' bash -c "$nap_slave" &',
         "nap_slaves=$!",
