@@ -7,9 +7,10 @@ Translation of a unit
     Slurm's ``MaxArraySize``; numbers past it go to arrays named ``<user>_<app>_common~<offset>`` whose
     task id is ``n - offset``.
   - ``MemoryMax`` becomes ``--mem``; the journal is the job's output file
-    (``NAP_HOME/slurm/journal/<name>.out``, appended to across restarts); ``stop_app`` is ``scancel`` (Slurm's
-    TERM, then KILL after its ``KillWait``, which stands in for the unit's ``TimeoutStopSec``);
-    ``start_app`` submits the task again (a new array of one) in the same folder. Jobs are ``--no-requeue``: nap-orch applies the unit's restart policy.
+    (``NAP_HOME/slurm/journal/<name>.out``, appended to across restarts); ``stop_app`` is ``scancel``
+    (Slurm's TERM, then KILL after its ``KillWait``, which stands in for the unit's ``TimeoutStopSec``);
+    ``start_app`` submits the task again (a new array of one) in the same folder. Jobs are
+    ``--no-requeue``: nap-orch applies the unit's restart policy itself.
   - An MPI run (a master unit and its slave units, submitted together) is one heterogeneous job:
     component 0 runs the master, component 1 the slaves, and the program runs as one
     ``srun --mpi=pmix`` step over both, one MPI world across the nodes. Het jobs need a node per
@@ -24,12 +25,12 @@ the same address: several slurmd on one machine share its ports). The reconciler
 unit's policy those that failed or were lost with their node.
 
 Records (this Slurm has no accounting: Slurm forgets a job ``MinJobAge`` after it ends), per stack:
-  - ``/nap/slurm/<ns>/desired/<name>``: what the engine's users asked for (the engine writes it):
-    desired state, a generation bumped by each submit/start, and the job that submit/start made;
+  - ``/nap/slurm/<ns>/desired/<name>``: what the engine's users asked for (the engine writes it): the
+    unit as submitted (``cat_unit``), desired state, a generation bumped by each submit/start, and the
+    job that submit/start made;
   - ``/nap/slurm/<ns>/observed/<name>``: what the reconciler saw and did (only it writes it): the
     current job (a restart makes a new one), state, node, port, exit code, restarts;
-  - ``NAP_HOME/slurm/run/<job>.port`` and ``<job>.exit``: the port handed to a task, and how it ended;
-  - ``NAP_HOME/slurm/units/<name>.service``: the unit as submitted (``cat_unit``).
+  - ``NAP_HOME/slurm/run/<job>.port`` and ``<job>.exit``: the port handed to a task, and how it ended.
 States come from one ``squeue`` per call while jobs run, from these records after they end.
 Everything under ``NAP_HOME`` must be on a filesystem the nodes share (so must the apps' folders).
 """
