@@ -142,7 +142,8 @@ class Reconciler:
         for name, d in ds.items():
             if d is None:
                 continue
-            s, actions = observe(name, d, ss.get(name), rows, engine.exit_of, lambda n: engine.unit(n, ds[n]), now)
+            s, actions = observe(name, d, ss.get(name), rows, engine.exit_of, lambda n: engine.unit(n, ds[n]), now,
+                                 engine.started_of)
             states[name] = s
             for action in actions:
                 todo[action].append(name)
@@ -260,7 +261,8 @@ class Reconciler:
         for name, port in got.items():
             s = states[name]
             s.port, s.port_host, s.port_job = port, node, s.jobid
-            s.state, s.message, s.since, s.started_at = RUNNING, "", now, now
+            s.state, s.since = STARTING, now  # running once the task has started the program
+            s.message = f"port {port} on {node} handed out, waiting for the program to start"
 
     def write_port_files(self, items: list[tuple[str, int, str]]) -> None:
         """"port node" into each job's port file, in one write (the task reads a whole line only). The

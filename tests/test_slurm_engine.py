@@ -5,6 +5,7 @@ the Slurm stacks too.)"""
 
 from __future__ import annotations
 
+import os
 import time
 
 import pytest
@@ -47,7 +48,8 @@ def nothing_left(stack, name: str, app: str) -> None:
     assert etcd_prefix(stack, f"/nap/instances/{name}/{app}/") == {}
     assert etcd_prefix(stack, f"/services/port/{name}/{app}/") == {}
     assert etcd_prefix(stack, f"/nap/slurm/{stack.namespace}/desired/{name}_{app}_") == {}
-    assert not list((stack.home / "slurm" / "units").glob(f"{name}_{app}_*"))
+    assert etcd_prefix(stack, f"/nap/slurm/{stack.namespace}/observed/{name}_{app}_") == {}
+    assert not list((stack.home / "slurm" / "journal").glob(f"{name}_{app}_*"))
 
 
 def test_an_instance_is_a_slurm_array_task_named_after_its_unit(slurm_stack, file_server, tmp_path):
@@ -80,6 +82,8 @@ def test_journal_is_the_jobs_output_file_and_stop_cancels_the_job(slurm_stack, f
         time.sleep(0.1)
     assert journal(client, inst).splitlines() == path.read_text().splitlines()
     assert "to-stdout" in journal(client, inst) and "nap: started on n1 port" in journal(client, inst)
+    pid = client.get(f"/v1/instances/{inst}")["pid"]  # the program's own process, on the node
+    assert os.readlink(f"/proc/{pid}/cwd") == str(slurm_stack.home / "apps" / name / f"{name}_out_1")
     assert client.post(f"/v1/instances/{inst}/stop")["state"] == "stopped"
     assert squeue(slurm_stack, "-j", jobid, "-o", "%T") == [["CANCELLED"]]
     assert "signalled by Slurm" in path.read_text()

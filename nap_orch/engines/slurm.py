@@ -30,7 +30,8 @@ Records (this Slurm has no accounting: Slurm forgets a job ``MinJobAge`` after i
     job that submit/start made;
   - ``/nap/slurm/<ns>/observed/<name>``: what the reconciler saw and did (only it writes it): the
     current job (a restart makes a new one), state, node, port, exit code, restarts;
-  - ``NAP_HOME/slurm/run/<job>.port`` and ``<job>.exit``: the port handed to a task, and how it ended.
+  - ``NAP_HOME/slurm/run/<job>.port``, ``<job>.started`` and ``<job>.exit``: the port handed to a task,
+    the pid of the program it started (the instance is running from then on), and how it ended.
 States come from one ``squeue`` per call while jobs run, from these records after they end.
 Everything under ``NAP_HOME`` must be on a filesystem the nodes share (so must the apps' folders).
 """
@@ -39,6 +40,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import logging
 import os
 import re
 import shlex
@@ -57,16 +59,21 @@ from ..store import open_store
 from . import slurm_jobs
 from .base import EXITED, FAILED, RUNNING, STARTING, STOPPED, Engine, InstanceStatus, UnitSpec
 
+log = logging.getLogger("nap.slurm")
+
 # Slurm job states (squeue %T) after which nothing of the job runs any more.
 TERMINAL = {"COMPLETED", "CANCELLED", "FAILED", "TIMEOUT", "NODE_FAIL", "PREEMPTED", "OUT_OF_MEMORY",
             "BOOT_FAIL", "DEADLINE", "SPECIAL_EXIT", "REVOKED"}
 ACTIVE = {"RUNNING", "COMPLETING", "SIGNALING", "STAGE_OUT", "SUSPENDED", "STOPPED"}
+# How long remove() waits for cancelled jobs to leave Slurm: a base, and more per job.
+CANCEL_WAIT, CANCEL_WAIT_PER_JOB = 30.0, 0.2
 # A job that squeue does not show yet (or any more) this long after submission, without an exit file, is lost.
 GRACE = 15.0
 UNREACHABLE = ("Unable to contact slurm controller", "Socket timed out", "Connection refused",
                "Zero Bytes were transmitted", "Communication connection failure")
 SQUEUE_FORMAT = "%k|%i|%j|%T|%N|%r"
 KINDS_MPI = ("mpi_master", "mpi_slave")
+RUN_FILES = ("port", "started", "exit")  # NAP_HOME/slurm/run/<job>.<what>: see the module's docstring
 
 
 # -- Slurm's commands ------------------------------------------------------------------------------
@@ -250,6 +257,7 @@ class Observed(_Record):
     port: int | None = None  # the instance's port, reserved on port_host for job port_job
     port_host: str | None = None
     port_job: str = ""
+    pid: int | None = None  # the program's pid on its node (common instances)
     exit_code: int | None = None
     restarts: int = 0
     failures: int = 0  # restarts in a row: the backoff step and the limit's count
@@ -273,9 +281,11 @@ def current(d: Desired, s: Observed | None) -> Observed:
 
 def observe(name: str, d: Desired, s: Observed | None, rows: dict[str, Row],
             exit_of: Callable[[str], tuple[int, bool] | None], unit_of: Callable[[str], units.Unit | None],
-            now: float) -> tuple[Observed, list[str]]:
+            now: float, started_of: Callable[[str], int | None] = lambda jobid: None) -> tuple[Observed, list[str]]:
     """The instance's state now, and what the reconciler has to do about it: ``assign`` (a port, on
     ``s.host``), ``ended`` (a job's end was just handled), ``resubmit`` (a restart is due), ``cancel``.
+    A common instance is running once its task has started the program (``started_of`` its job: the
+    program's pid on the node), not when Slurm says the job runs: the task waits for its port first.
     Pure: the engine shows what it returns, the reconciler also does the actions and keeps it."""
     s = current(d, s)
     row = rows.get(s.row)
@@ -297,6 +307,12 @@ def observe(name: str, d: Desired, s: Observed | None, rows: dict[str, Row],
             _set(s, STARTING, f"running on {s.host}, waiting for its port", now)
             return s, ["assign"]
         if s.state != RUNNING:
+            if d.kind == "common":
+                pid = started_of(s.jobid)
+                if pid is None:
+                    _set(s, STARTING, f"port {s.port} on {s.host} handed out, waiting for the program to start", now)
+                    return s, []
+                s.pid = pid
             s.started_at = now
             _set(s, RUNNING, "", now)
         return s, []
@@ -354,7 +370,8 @@ def _ended(s: Observed, kind: str, unit: units.Unit | None, ended: tuple[int, bo
 
 def to_status(name: str, d: Desired, s: Observed) -> InstanceStatus:
     port = s.port if s.port_job == s.jobid and s.state == RUNNING else None
-    return InstanceStatus(name=name, state=s.state, host=s.host, exit_code=s.exit_code, restarts=s.restarts,
+    pid = s.pid if s.state == RUNNING else None
+    return InstanceStatus(name=name, state=s.state, host=s.host, pid=pid, exit_code=s.exit_code, restarts=s.restarts,
                           since=s.since, message=s.message,
                           extra={"desired": d.desired, "job": s.jobid, "port": port})
 
@@ -421,6 +438,13 @@ class SlurmEngine(Engine):
             code, signalled = self.run_file(jobid, "exit").read_text().split()
             return int(code), signalled == "1"
         except (OSError, ValueError):
+            return None
+
+    def started_of(self, jobid: str) -> int | None:
+        """The pid of the program the job's task started (the file its script wrote), None before."""
+        try:
+            return int(self.run_file(jobid, "started").read_text().split()[0])
+        except (OSError, ValueError, IndexError):
             return None
 
     def unit(self, name: str, d: Desired) -> units.Unit | None:
@@ -560,7 +584,7 @@ class SlurmEngine(Engine):
 
     def _delete_files(self, journals: list[str] = (), jobids: list[str] = ()) -> None:
         paths = [Path(j) for j in journals if j]
-        paths += [self.run_file(j, what) for j in jobids if j for what in ("port", "exit")]
+        paths += [self.run_file(j, what) for j in jobids if j for what in RUN_FILES]
         for path in paths:
             try:
                 path.unlink()
@@ -655,7 +679,8 @@ class SlurmEngine(Engine):
         now = time.time()
         out = {}
         for name, d in ds.items():
-            s, _ = observe(name, d, ss.get(name), rows, self.exit_of, lambda n: self.unit(n, ds[n]), now)
+            s, _ = observe(name, d, ss.get(name), rows, self.exit_of, lambda n: self.unit(n, ds[n]), now,
+                           self.started_of)
             out[name] = to_status(name, d, s)
         return out
 
@@ -761,12 +786,19 @@ class SlurmEngine(Engine):
             live = [r.jobid for i, r in rows.items() if i in row_ids and r.live]
             if live:
                 await self.cli.scancel(live)
-                deadline = time.monotonic() + 15
-                while time.monotonic() < deadline:
+                # Slurm ends cancelled jobs at about 30 a second here (400 took 14-16 s on 2 cores): a
+                # rollback waits until they are gone, so nothing of it runs on when it is done
+                deadline = time.monotonic() + CANCEL_WAIT + CANCEL_WAIT_PER_JOB * len(live)
+                while True:
                     rows = await self.rows_for(ds)
-                    if not any(r.live for i, r in rows.items() if i in row_ids):
+                    left = [r for i, r in rows.items() if i in row_ids and r.live]
+                    if not left:
                         break
-                    await asyncio.sleep(0.2)
+                    if time.monotonic() > deadline:
+                        log.warning("%d of %d cancelled job(s) still in Slurm (%s ...); the reconciler "
+                                    "cancels them again", len(left), len(live), left[0].id)
+                        break
+                    await asyncio.sleep(0.25)
         except EngineError:
             pass  # Slurm is unreachable: the reconciler cancels the jobs that no record names any more
         ss = await self.observed(list(ds))  # the reconciler may have handed out ports meanwhile

@@ -5,7 +5,8 @@ id is the instance number, less the group's offset). A branch waits for the port
 assigns once the task's node is known (a file ``<run>/<job>.port``: "port host"), then runs the unit's
 command in its ``WorkingDirectory``, with its ``Environment`` plus ``PORT`` and ``NAP_HOST`` and nothing
 else (``env -i``, as systemd would), under its ``MemoryMax`` as an address-space limit (``--mem`` is the
-real one where Slurm enforces it), and writes the exit code to ``<run>/<job>.exit`` ("code signalled"):
+real one where Slurm enforces it), writes the program's pid to ``<run>/<job>.started`` once it is
+started (the instance is running from then on) and its exit code to ``<run>/<job>.exit`` ("code signalled"):
 Slurm's own record of a job is gone ``MinJobAge`` after it ends, and this Slurm has no accounting.
 
 An MPI run is one job: the master's unit runs as the batch script (component 0 of a heterogeneous
@@ -70,6 +71,7 @@ nap_exec() {  # clean|keep WORKDIR MEMORY_KB NAME=VALUE... -- ARGV...: runs it, 
         ( [ "$mem" -gt 0 ] && ulimit -v "$mem"; exec env "${envs[@]}" "$@" ) &
     fi
     nap_pid=$!
+    printf '%s\n' "$nap_pid" > "$nap_run/$nap_job.started"  # the instance runs from now on
     # Slurm's TERM (scancel, a node taken down, a time limit) reaches the program too; remember it.
     trap 'nap_signalled=1; kill -TERM $nap_pid 2>/dev/null' TERM INT HUP
     wait $nap_pid
