@@ -106,6 +106,8 @@ class Reconciler:
                     if await self.lead():
                         busy = await self.pass_once()
                         self.last_error = ""
+                        if not busy:  # not while a launch needs the cores: slurmd starts its tasks then
+                            self.pool.refill()
                 except (NapError, ConnectionError, OSError, asyncio.TimeoutError) as e:
                     self.observed = None
                     message = getattr(e, "message", None) or f"{type(e).__name__}: {e}"
@@ -153,7 +155,6 @@ class Reconciler:
                 self.event(ds[name], s.message)
         if todo["assign"]:
             await self.assign(ds, states, todo["assign"], now)
-            self.pool.refill()
         if todo["resubmit"]:
             await self.resubmit(ds, states, todo["resubmit"], now)
         await self.cancel_stopped(ds, states, todo["cancel"], now)
