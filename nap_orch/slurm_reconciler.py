@@ -138,14 +138,15 @@ class Reconciler:
         else:
             ds, ss = await engine.all_desired(), self.observed
         rows = await engine.cli.squeue()
+        files = engine.run_files()  # after squeue
         now = time.time()
         states: dict[str, Observed] = {}
         todo: dict[str, list[str]] = {"assign": [], "ended": [], "resubmit": [], "cancel": []}
         for name, d in ds.items():
             if d is None:
                 continue
-            s, actions = observe(name, d, ss.get(name), rows, engine.exit_of, lambda n: engine.unit(n, ds[n]), now,
-                                 engine.started_of)
+            s, actions = observe(name, d, ss.get(name), rows, files.exit_of, lambda n: engine.unit(n, ds[n]), now,
+                                 files.started_of)
             states[name] = s
             for action in actions:
                 todo[action].append(name)

@@ -152,6 +152,7 @@ class SlurmCluster:
         enforce_memory: bool = False,
         slurmd_timeout: int = 10,
         message_timeout: int = 10,
+        return_to_service: int = 2,
         bf_interval: int = 2,
         start_timeout: float = 30.0,
         extra_conf: str = "",
@@ -170,6 +171,7 @@ class SlurmCluster:
         self.enforce_memory = enforce_memory
         self.slurmd_timeout = slurmd_timeout
         self.message_timeout = message_timeout
+        self.return_to_service = return_to_service
         self.bf_interval = bf_interval
         self.start_timeout = start_timeout
         self.extra_conf = extra_conf
@@ -290,7 +292,7 @@ class SlurmCluster:
             "SchedulerType=sched/backfill",
             f"SchedulerParameters=default_queue_depth=2000,bf_interval={self.bf_interval},"
             "sched_min_interval=200000",
-            "ReturnToService=2",
+            f"ReturnToService={self.return_to_service}",
             "MaxArraySize=4001",
             "MaxJobCount=100000",
             "MinJobAge=60",

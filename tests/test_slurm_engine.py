@@ -25,9 +25,11 @@ WHERE = {"profile": "command: sh -c 'echo \"$NAP_HOST $PORT\" > where; echo to-s
 @pytest.fixture(scope="module")
 def fault_stack(tmp_path_factory, redis_server, etcd_server):
     """A two-node cluster of its own for the faults (nodes taken down, slurmctld stopped): clients give up
-    after about 3 s, and an instance gets one restart."""
+    after about 3 s, an instance gets one restart, and a node taken down stays down until it is
+    resumed (with ReturnToService=2 its slurmd, still answering pings while its jobs are killed, would
+    bring it back for a moment, and a restart could land on it)."""
     s = slurm_stack_on(tmp_path_factory, redis_server, etcd_server, "slurmf", 2, "27000-28999",
-                       extra_env={"NAP_RESTART_LIMIT": "1"}, message_timeout=3)
+                       extra_env={"NAP_RESTART_LIMIT": "1"}, message_timeout=3, return_to_service=0)
     yield s
     s.stop()
     s.cluster.stop()
