@@ -52,6 +52,7 @@ def nothing_left(stack, name: str, app: str) -> None:
     assert etcd_prefix(stack, f"/nap/slurm/{stack.namespace}/desired/{name}_{app}_") == {}
     assert etcd_prefix(stack, f"/nap/slurm/{stack.namespace}/observed/{name}_{app}_") == {}
     assert not list((stack.home / "slurm" / "journal").glob(f"{name}_{app}_*"))
+    assert not list((stack.home / "slurm" / "tasks").glob(f"{name}_{app}_*"))
 
 
 def test_an_instance_is_a_slurm_array_task_named_after_its_unit(slurm_stack, file_server, tmp_path):

@@ -31,7 +31,8 @@ Records (this Slurm has no accounting: Slurm forgets a job ``MinJobAge`` after i
   - ``/nap/slurm/<ns>/observed/<name>``: what the reconciler saw and did (only it writes it): the
     current job (a restart makes a new one), state, node, port, exit code, restarts;
   - ``NAP_HOME/slurm/run/<job>.port``, ``<job>.started`` and ``<job>.exit``: the port handed to a task,
-    the pid of the program it started (the instance is running from then on), and how it ended.
+    the pid of the program it started (the instance is running from then on), and how it ended;
+  - ``NAP_HOME/slurm/tasks/<name>.sh``: what a common instance's array task runs (its unit's command).
 States come from one ``squeue`` per call while jobs run, from these records after they end.
 Everything under ``NAP_HOME`` must be on a filesystem the nodes share (so must the apps' folders).
 """
@@ -448,13 +449,13 @@ class SlurmEngine(Engine):
         self.cli = SlurmCli(settings, self.tag)
         self.store = open_store(settings)
         root = settings.home / "slurm"
-        self.journal_dir, self.run_dir = root / "journal", root / "run"
+        self.journal_dir, self.run_dir, self.tasks_dir = root / "journal", root / "run", root / "tasks"
         self._units: dict[str, tuple[str, units.Unit | None]] = {}
         self._opened = False
 
     async def open(self) -> "SlurmEngine":
         if not self._opened:
-            for d in (self.journal_dir, self.run_dir):
+            for d in (self.journal_dir, self.run_dir, self.tasks_dir):
                 d.mkdir(parents=True, exist_ok=True)
             await self.store.open()
             self._opened = True
@@ -576,7 +577,7 @@ class SlurmEngine(Engine):
                 except (EngineError, asyncio.TimeoutError):
                     pass  # the reconciler cancels the jobs that no record names
             fresh = [s.name for s, _, _ in todo if s.name not in before]
-            await asyncio.to_thread(self._delete_files, [records[n].journal for n in fresh if n in records])
+            await asyncio.to_thread(self._delete_files, [records[n].journal for n in fresh if n in records], (), fresh)
             raise
 
     def _installed(self, d: Desired | None, spec: UnitSpec) -> bool:
@@ -613,8 +614,8 @@ class SlurmEngine(Engine):
                 filled = d.profile.replace(units.PORT_REF, str(port)).replace(units.HOST_REF, host)
                 (Path(unit.workdir) / PROFILE).write_text(filled)
 
-    def _delete_files(self, journals: list[str] = (), jobids: list[str] = ()) -> None:
-        paths = [Path(j) for j in journals if j]
+    def _delete_files(self, journals: list[str] = (), jobids: list[str] = (), names: list[str] = ()) -> None:
+        paths = [Path(j) for j in journals if j] + [self.task_file(n) for n in names]
         paths += [self.run_file(j, what) for j in jobids if j for what in RUN_FILES]
         for path in paths:
             try:
@@ -648,10 +649,23 @@ class SlurmEngine(Engine):
             opts.append(f"--mem={mem}M")
         return opts
 
+    def task_file(self, name: str) -> Path:
+        return self.tasks_dir / f"{name}.sh"
+
+    def _write_task_files(self, tasks: list[tuple[int, units.Unit]]) -> None:
+        for _, unit in tasks:
+            path = self.task_file(unit.name)
+            tmp = path.with_name(f".{path.name}.{os.getpid()}")
+            tmp.write_text(slurm_jobs.task_line(unit))
+            os.replace(tmp, path)  # a task reading it sees the old line or the new one, whole
+
     async def submit_array(self, jobname: str, tasks: list[tuple[int, units.Unit]], mem: int | None) -> str:
+        """One ``sbatch --array`` of common instances (task ids of one array job name)."""
         opts = self._options(jobname, self.journal_dir / f"{jobname}@%a.out", mem)
         opts.insert(1, f"--array={ranges([t for t, _ in tasks])}")
-        script = slurm_jobs.array_script(str(self.run_dir), sorted(tasks, key=lambda t: t[0]), opts)
+        base, _, offset = jobname.partition("~")
+        await asyncio.to_thread(self._write_task_files, tasks)
+        script = slurm_jobs.array_script(str(self.run_dir), str(self.tasks_dir), base, int(offset or 0), len(tasks), opts)
         return await self.cli.sbatch(script)
 
     async def _submit_mpi(self, members) -> tuple[str, str, list[str]]:
@@ -840,7 +854,7 @@ class SlurmEngine(Engine):
         await self.store.delete_many(
             [keys.PORT_RESERVATION.format(host=s.port_host, port=s.port) for (n, s), h in zip(owned, holders) if h == n]
             + [self.desired_key(n) for n in names] + [self.observed_key(n) for n in names])
-        await asyncio.to_thread(self._delete_files, [d.journal for d in ds.values()], list(jobids))
+        await asyncio.to_thread(self._delete_files, [d.journal for d in ds.values()], list(jobids), list(ds))
         for name in names:
             self._units.pop(name, None)
 
