@@ -145,8 +145,7 @@ class Reconciler:
         for name, d in ds.items():
             if d is None:
                 continue
-            s, actions = observe(name, d, ss.get(name), rows, files.exit_of, lambda n: engine.unit(n, ds[n]), now,
-                                 files.started_of)
+            s, actions = observe(name, d, ss.get(name), rows, files, lambda n: engine.unit(n, ds[n]), now)
             states[name] = s
             for action in actions:
                 todo[action].append(name)

@@ -40,6 +40,7 @@ Everything under ``NAP_HOME`` must be on a filesystem the nodes share (so must t
 from __future__ import annotations
 
 import asyncio
+import functools
 import json
 import logging
 import os
@@ -214,7 +215,9 @@ def slurm_error(prog: str, stderr: str, code: int) -> EngineError:
 
 
 # -- records ---------------------------------------------------------------------------------------
-_FIELDS: dict[type, frozenset[str]] = {}
+@functools.cache
+def _field_names(cls: type) -> frozenset[str]:
+    return frozenset(f.name for f in fields(cls))
 
 
 class _Record:
@@ -223,7 +226,7 @@ class _Record:
         if not raw:
             return None
         data = json.loads(raw)
-        names = _FIELDS.get(cls) or _FIELDS.setdefault(cls, frozenset(f.name for f in fields(cls)))
+        names = _field_names(cls)
         return cls(**{k: v for k, v in data.items() if k in names})
 
     def to_json(self) -> str:
@@ -283,13 +286,13 @@ def current(d: Desired, s: Observed | None) -> Observed:
     return fresh
 
 
-def observe(name: str, d: Desired, s: Observed | None, rows: dict[str, Row],
-            exit_of: Callable[[str], tuple[int, bool] | None], unit_of: Callable[[str], units.Unit | None],
-            now: float, started_of: Callable[[str], int | None] = lambda jobid: None) -> tuple[Observed, list[str]]:
+def observe(name: str, d: Desired, s: Observed | None, rows: dict[str, Row], files: "RunFiles",
+            unit_of: Callable[[str], units.Unit | None], now: float) -> tuple[Observed, list[str]]:
     """The instance's state now, and what the reconciler has to do about it: ``assign`` (a port, on
     ``s.host``), ``ended`` (a job's end was just handled), ``resubmit`` (a restart is due), ``cancel``.
-    A common instance is running once its task has started the program (``started_of`` its job: the
-    program's pid on the node), not when Slurm says the job runs: the task waits for its port first.
+    ``files`` are the run files listed after the squeue of ``rows``. A common instance is running once
+    its task has started the program (its ``.started`` file: the program's pid on the node), not when
+    Slurm says the job runs: the task waits for its port first.
     Pure: the engine shows what it returns, the reconciler also does the actions and keeps it."""
     s = current(d, s)
     row = rows.get(s.row)
@@ -304,7 +307,7 @@ def observe(name: str, d: Desired, s: Observed | None, rows: dict[str, Row],
         why = f" ({row.reason})" if row.reason and row.reason != "None" else ""
         _set(s, STARTING, f"{row.state.lower()} in Slurm{why}", now)
         return s, []
-    ended = exit_of(s.jobid)  # written by the job's script as it ends, before Slurm sees the end
+    ended = files.exit_of(s.jobid)  # written by the job's script as it ends, before Slurm sees the end
     if live and ended is None:
         s.host = row.nodes or s.host
         if d.kind == "common" and not (s.port_job == s.jobid and s.port_host == s.host):
@@ -312,7 +315,7 @@ def observe(name: str, d: Desired, s: Observed | None, rows: dict[str, Row],
             return s, ["assign"]
         if s.state != RUNNING:
             if d.kind == "common":
-                pid = started_of(s.jobid)
+                pid = files.started_of(s.jobid)
                 if pid is None:
                     _set(s, STARTING, f"port {s.port} on {s.host} handed out, waiting for the program to start", now)
                     return s, []
@@ -725,8 +728,7 @@ class SlurmEngine(Engine):
         files = self.run_files()  # after the squeue of ``rows``
         out = {}
         for name, d in ds.items():
-            s, _ = observe(name, d, ss.get(name), rows, files.exit_of, lambda n: self.unit(n, ds[n]), now,
-                           files.started_of)
+            s, _ = observe(name, d, ss.get(name), rows, files, lambda n: self.unit(n, ds[n]), now)
             out[name] = to_status(name, d, s)
         return out
 
