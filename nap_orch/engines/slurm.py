@@ -271,6 +271,8 @@ class Observed(_Record):
     started_at: float | None = None
     next_at: float | None = None  # a restart is due then
     ended_job: str = ""  # the last job whose end was handled
+    ending_job: str = ""  # a job Slurm signalled, still ending in Slurm since ending_at
+    ending_at: float = 0.0
     since: float = field(default_factory=time.time)
     message: str = ""
 
@@ -308,6 +310,14 @@ def observe(name: str, d: Desired, s: Observed | None, rows: dict[str, Row], fil
         _set(s, STARTING, f"{row.state.lower()} in Slurm{why}", now)
         return s, []
     ended = files.exit_of(s.jobid)  # written by the job's script as it ends, before Slurm sees the end
+    if live and ended is not None and ended[1]:
+        # Signalled by Slurm (scancel, its node going down, a time limit): judged once Slurm says which,
+        # so that the journal names it (CANCELLED, NODE_FAIL ...) rather than COMPLETING.
+        if s.ending_job != s.jobid:
+            s.ending_job, s.ending_at = s.jobid, now
+        if now - s.ending_at < GRACE:
+            _set(s, s.state, f"ending in Slurm ({row.state})", now)
+            return s, []
     if live and ended is None:
         s.host = row.nodes or s.host
         if d.kind == "common" and not (s.port_job == s.jobid and s.port_host == s.host):
