@@ -21,20 +21,27 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from nap_orch.store import open_store  # noqa: E402
 from nap_orch.config import Settings  # noqa: E402
-from tests.apps import tar_gz, write_app  # noqa: E402
-from tests.httpserver import FileServer  # noqa: E402
-from tests.services import EtcdServer, RedisServer  # noqa: E402
-from tests.stack import NapStack  # noqa: E402
+from nap_orch.store import open_store  # noqa: E402
+from tests.support.apps import tar_gz, write_app  # noqa: E402
+from tests.support.httpserver import FileServer  # noqa: E402
+from tests.support.services import EtcdServer, RedisServer  # noqa: E402
+from tests.support.stack import NapStack  # noqa: E402
 
 
 async def baseline(n: int) -> float:
     """Start n `sleep` processes from asyncio, as bare as it gets; seconds until all are spawned."""
     t0 = time.perf_counter()
-    procs = [await asyncio.create_subprocess_exec("sleep", "100000", start_new_session=True,
-                                                  stdout=asyncio.subprocess.DEVNULL, stderr=asyncio.subprocess.DEVNULL)
-             for _ in range(n)]
+    procs = [
+        await asyncio.create_subprocess_exec(
+            "sleep",
+            "100000",
+            start_new_session=True,
+            stdout=asyncio.subprocess.DEVNULL,
+            stderr=asyncio.subprocess.DEVNULL,
+        )
+        for _ in range(n)
+    ]
     took = time.perf_counter() - t0
     for p in procs:
         p.send_signal(signal.SIGKILL)
@@ -62,8 +69,9 @@ def main() -> int:
         if etcd:
             etcd.start()
         www = FileServer(tmp / "www").start()
-        stack = NapStack(tmp / "nap", redis.url, etcd.endpoint if etcd else "",
-                         extra_env={"NAP_PORT_RANGE": "30000-39999"})
+        stack = NapStack(
+            tmp / "nap", redis.url, etcd.endpoint if etcd else "", extra_env={"NAP_PORT_RANGE": "30000-39999"}
+        )
         try:
             stack.start()
             user, client = stack.add_user("bench")
@@ -82,12 +90,21 @@ def main() -> int:
                 ports = asyncio.run(count_ports(stack, user))
                 assert ports == args.count * (r + 1), ports
                 rows.append((took, base))
-                print(json.dumps({
-                    "round": r + 1, "store": args.store, "instances": args.count,
-                    "nap_seconds": round(took, 3), "nap_per_second": round(args.count / took, 1),
-                    "baseline_seconds": round(base, 3), "baseline_per_second": round(args.count / base, 1),
-                    "ratio": round(took / base, 2),
-                }), flush=True)
+                print(
+                    json.dumps(
+                        {
+                            "round": r + 1,
+                            "store": args.store,
+                            "instances": args.count,
+                            "nap_seconds": round(took, 3),
+                            "nap_per_second": round(args.count / took, 1),
+                            "baseline_seconds": round(base, 3),
+                            "baseline_per_second": round(args.count / base, 1),
+                            "ratio": round(took / base, 2),
+                        }
+                    ),
+                    flush=True,
+                )
                 stack.kill_instances()
         finally:
             stack.stop()

@@ -29,11 +29,11 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from nap_orch.config import Settings  # noqa: E402
 from nap_orch.store import open_store  # noqa: E402
-from tests.apps import tar_gz, write_app  # noqa: E402
-from tests.httpserver import FileServer  # noqa: E402
-from tests.services import EtcdServer, RedisServer  # noqa: E402
-from tests.slurm_cluster import SlurmCluster  # noqa: E402
-from tests.stack import NapStack  # noqa: E402
+from tests.support.apps import tar_gz, write_app  # noqa: E402
+from tests.support.httpserver import FileServer  # noqa: E402
+from tests.support.services import EtcdServer, RedisServer  # noqa: E402
+from tests.support.slurm_cluster import SlurmCluster  # noqa: E402
+from tests.support.stack import NapStack  # noqa: E402
 
 
 def running(cluster: SlurmCluster, jobid: str) -> int:
@@ -51,8 +51,18 @@ def baseline(cluster: SlurmCluster, n: int, workdir: Path) -> tuple[float, float
     started = out / "started"
     started.mkdir(parents=True)
     t0 = time.perf_counter()
-    jobid = cluster.run("sbatch", "--parsable", f"--array=1-{n}", "--wrap",
-                        f"touch {started}/$SLURM_ARRAY_TASK_ID; exec sleep 100000", cwd=out).stdout.strip().split(";")[0]
+    jobid = (
+        cluster.run(
+            "sbatch",
+            "--parsable",
+            f"--array=1-{n}",
+            "--wrap",
+            f"touch {started}/$SLURM_ARRAY_TASK_ID; exec sleep 100000",
+            cwd=out,
+        )
+        .stdout.strip()
+        .split(";")[0]
+    )
     allocated = None
     while True:
         if allocated is None and running(cluster, jobid) >= n:
@@ -91,9 +101,13 @@ def one_round(args, r: int) -> dict:
             if etcd:
                 etcd.start()
             www.start()
-            stack = NapStack(tmp / "nap", redis.url, etcd.endpoint if etcd else "", engine="slurm",
-                             extra_env={**cluster.env, "NAP_PORT_RANGE": "30000-39999",
-                                        "NAP_MAX_COUNT": str(max(1000, args.count))})
+            stack = NapStack(
+                tmp / "nap",
+                redis.url,
+                etcd.endpoint if etcd else "",
+                engine="slurm",
+                extra_env={**cluster.env, "NAP_PORT_RANGE": "30000-39999", "NAP_MAX_COUNT": str(max(1000, args.count))},
+            )
             stack.start()
             user, client = stack.add_user("bench")
             tar_gz(write_app(tmp / "tiny", {"profile": "command: sleep 100000\n"}), www.root / "tiny.tgz")
@@ -109,9 +123,14 @@ def one_round(args, r: int) -> dict:
             ports = asyncio.run(count_ports(stack, user))
             assert ports == args.count, ports
             return {
-                "round": r + 1, "engine": "slurm", "store": args.store, "instances": args.count,
-                "nap_seconds": round(took, 3), "nap_per_second": round(args.count / took, 1),
-                "sbatch_array_seconds": round(base, 3), "sbatch_array_per_second": round(args.count / base, 1),
+                "round": r + 1,
+                "engine": "slurm",
+                "store": args.store,
+                "instances": args.count,
+                "nap_seconds": round(took, 3),
+                "nap_per_second": round(args.count / took, 1),
+                "sbatch_array_seconds": round(base, 3),
+                "sbatch_array_per_second": round(args.count / base, 1),
                 "sbatch_array_squeue_running_seconds": round(allocated, 3),
                 "ratio": round(took / base, 2),
             }

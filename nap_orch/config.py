@@ -3,8 +3,12 @@
 from __future__ import annotations
 
 import os
+from collections.abc import Mapping
 from dataclasses import dataclass, field, fields
 from pathlib import Path
+from typing import Any, TypeVar
+
+T = TypeVar("T")
 
 MiB = 1024 * 1024
 
@@ -19,6 +23,32 @@ def _range(value: str) -> tuple[int, int]:
     if not (0 < lo <= hi < 65536):
         raise ValueError(f"bad port range {value!r}")
     return lo, hi
+
+
+def read_env(cls: type[T], prefix: str, env: Mapping[str, str] | None = None, **overrides: Any) -> T:
+    """A settings dataclass ``cls`` from ``<prefix><FIELD>`` variables (unset or empty: the default).
+    Engines keep their own settings this way (``NAP_SLURM_*``)."""
+    env = os.environ if env is None else env
+    values: dict[str, Any] = {}
+    for f in fields(cls):  # type: ignore[arg-type]
+        raw = env.get(prefix + f.name.upper())
+        if raw is None or raw == "":
+            continue
+        kind = f.type if isinstance(f.type, str) else getattr(f.type, "__name__", "")
+        if kind == "Path":
+            values[f.name] = Path(raw).expanduser()
+        elif kind == "tuple[int, int]":
+            values[f.name] = _range(raw)
+        elif kind == "int":
+            values[f.name] = int(raw)
+        elif kind == "float":
+            values[f.name] = float(raw)
+        elif kind == "bool":
+            values[f.name] = _bool(raw)
+        else:
+            values[f.name] = raw
+    values.update(overrides)
+    return cls(**values)
 
 
 @dataclass(frozen=True)
@@ -49,37 +79,10 @@ class Settings:
     admin_token: str = ""
     host: str = "127.0.0.1"
     api_port: int = 8470
-    # Slurm engine
-    slurm_partition: str = ""
-    slurm_bin: str = ""
-    # Extra environment of MPI runs on Slurm, "NAME=value NAME=value" (e.g. OMPI_MCA_btl=self,tcp where
-    # several slurmd "nodes" share one host, so that Open MPI's shared-memory segment names don't collide).
-    slurm_mpi_env: str = ""
-    # How often the reconciler (``nap agent`` on the Slurm engine) looks at Slurm while nothing is starting.
-    slurm_poll: float = 1.0
 
     @classmethod
-    def from_env(cls, env: dict[str, str] | None = None, **overrides) -> "Settings":
-        env = os.environ if env is None else env
-        values: dict = {}
-        for f in fields(cls):
-            raw = env.get("NAP_" + f.name.upper())
-            if raw is None or raw == "":
-                continue
-            if f.name == "home":
-                values[f.name] = Path(raw).expanduser()
-            elif f.name == "port_range":
-                values[f.name] = _range(raw)
-            elif f.type in ("int",):
-                values[f.name] = int(raw)
-            elif f.type in ("float",):
-                values[f.name] = float(raw)
-            elif f.type in ("bool",):
-                values[f.name] = _bool(raw)
-            else:
-                values[f.name] = raw
-        values.update(overrides)
-        return cls(**values)
+    def from_env(cls, env: Mapping[str, str] | None = None, **overrides: Any) -> Settings:
+        return read_env(cls, "NAP_", env, **overrides)
 
     @property
     def services_dir(self) -> Path:

@@ -14,14 +14,7 @@ INSTANCES_OF_APP = "/nap/instances/{user}/{app}/"
 PORT_RESERVATION = "/nap/ports/{host}/{port}"  # value: instance name holding the port
 PORTS_OF_HOST = "/nap/ports/{host}/"
 MPI_RUN = "/nap/mpi/{user}/{app}/{run}"  # a run's record (JSON)
-# The Slurm engine's records, per stack (namespace): what the engine asked for and what the reconciler saw.
-SLURM_DESIRED = "/nap/slurm/{ns}/desired/{name}"
-SLURM_OBSERVED = "/nap/slurm/{ns}/observed/{name}"
-SLURM_RECONCILER = "/nap/slurm/{ns}/reconciler"  # the reconciler that holds it (a lease) is the one at work
-
-
-def redis_keys(namespace: str) -> "RedisKeys":
-    return RedisKeys(namespace)
+# Engines keep records of their own under /nap/<engine>/ (each in its own package).
 
 
 class RedisKeys:

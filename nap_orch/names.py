@@ -1,18 +1,49 @@
-"""User, app and instance names: the only shapes the platform accepts."""
+"""Names: users, apps, instances and units (the only shapes the platform accepts), and app files."""
 
 from __future__ import annotations
 
+import enum
 import re
 from dataclasses import dataclass
+from typing import TypeGuard
 
 from .errors import BadRequest
 
+# An app's description, at the top of its folder: ``profile`` for common apps, ``mpi.xml`` for MPI apps.
+PROFILE = "profile"
+MPI_XML = "mpi.xml"
+
 NAME_RE = re.compile(r"[a-z][a-z0-9-]{0,30}")
+# What an engine accepts as a unit's instance name (no ``.service``): wider than the platform's own
+# names (``InstanceName``), narrow enough to be a file name and a systemd unit name.
+UNIT_NAME_RE = re.compile(r"[A-Za-z0-9][A-Za-z0-9:_.@-]{0,200}")
 # <user>_<app>_common@<n>, <user>_<app>_mpi_master@<run>, <user>_<app>_mpi_slave@<run>-<i>
 INSTANCE_RE = re.compile(
     r"(?P<user>[a-z][a-z0-9-]{0,30})_(?P<app>[a-z][a-z0-9-]{0,30})_"
     r"(?P<kind>common|mpi_master|mpi_slave)@(?P<inst>[0-9]{1,9}(?:-[0-9]{1,4})?)"
 )
+
+
+def is_unit_name(value: object) -> TypeGuard[str]:
+    """A unit's instance name: safe as a file name (no ``/``, no ``..``) and as a systemd unit name."""
+    return (
+        isinstance(value, str)
+        and bool(UNIT_NAME_RE.fullmatch(value))
+        and ".." not in value
+        and not value.endswith(".service")
+    )
+
+
+class Kind(enum.StrEnum):
+    """What an instance is: one of an app's common instances, or the master or a slave of an MPI run."""
+
+    COMMON = "common"
+    MPI_MASTER = "mpi_master"
+    MPI_SLAVE = "mpi_slave"
+
+    @property
+    def mpi(self) -> bool:
+        return self is not Kind.COMMON
 
 
 def check_name(value, what: str = "name") -> str:
@@ -39,11 +70,11 @@ class InstanceName:
 
     user: str
     app: str
-    kind: str  # common | mpi_master | mpi_slave
+    kind: Kind
     inst: str  # "3" for common; "<run>" for a master; "<run>-<i>" for a slave
 
     @classmethod
-    def parse(cls, value, user: str | None = None) -> "InstanceName":
+    def parse(cls, value, user: str | None = None) -> InstanceName:
         if isinstance(value, str) and value.endswith(".service"):
             value = value[: -len(".service")]
         m = INSTANCE_RE.fullmatch(value) if isinstance(value, str) else None
@@ -51,7 +82,7 @@ class InstanceName:
             raise BadRequest(f"{value!r} is not an instance name (like alice_web_common@3)")
         if user is not None and m["user"] != user:
             raise BadRequest(f"{value!r} names user {m['user']!r}, but you are {user!r}")
-        return cls(m["user"], m["app"], m["kind"], m["inst"])
+        return cls(m["user"], m["app"], Kind(m["kind"]), m["inst"])
 
     @property
     def name(self) -> str:

@@ -31,6 +31,9 @@ import subprocess
 import tempfile
 import unicodedata
 from dataclasses import dataclass, field
+from typing import Any
+
+from .names import is_unit_name
 
 MARK = "\x00"
 
@@ -158,7 +161,7 @@ def resolve_executable(argv0: str, workdir: str) -> str:
 def render(unit: Unit) -> str:
     """The unit file for ``unit`` (``ValueError`` for values no unit can hold)."""
     name = check_value(unit.name, "unit name")
-    if not re.fullmatch(r"[A-Za-z0-9:_.\\@-]+", name) or name.endswith(".service"):
+    if not is_unit_name(name):
         raise ValueError(f"{name!r} is not a unit instance name")
     workdir = _plain(unit.workdir, "working directory")
     if not os.path.isabs(workdir):
@@ -225,8 +228,19 @@ def _limit_interval(unit: Unit) -> float:
 # ---------------------------------------------------------------------------------------------
 # parse
 
-_C_ESCAPES = {"a": "\a", "b": "\b", "f": "\f", "n": "\n", "r": "\r", "t": "\t", "v": "\v",
-              "\\": "\\", '"': '"', "'": "'", "s": " "}
+_C_ESCAPES = {
+    "a": "\a",
+    "b": "\b",
+    "f": "\f",
+    "n": "\n",
+    "r": "\r",
+    "t": "\t",
+    "v": "\v",
+    "\\": "\\",
+    '"': '"',
+    "'": "'",
+    "s": " ",
+}
 _SPECIFIER_RE = re.compile(r"%(.?)", re.S)
 
 
@@ -315,10 +329,28 @@ def _unreference(word: str, what: str) -> tuple[str, list[str]]:
     return _DOLLAR_RE.sub(one, word), names
 
 
-_TIME_UNITS = {"us": 1e-6, "usec": 1e-6, "ms": 1e-3, "msec": 1e-3, "": 1.0, "s": 1.0, "sec": 1.0,
-               "second": 1.0, "seconds": 1.0, "m": 60.0, "min": 60.0, "minute": 60.0, "minutes": 60.0,
-               "h": 3600.0, "hr": 3600.0, "hour": 3600.0, "hours": 3600.0, "d": 86400.0, "day": 86400.0,
-               "days": 86400.0}
+_TIME_UNITS = {
+    "us": 1e-6,
+    "usec": 1e-6,
+    "ms": 1e-3,
+    "msec": 1e-3,
+    "": 1.0,
+    "s": 1.0,
+    "sec": 1.0,
+    "second": 1.0,
+    "seconds": 1.0,
+    "m": 60.0,
+    "min": 60.0,
+    "minute": 60.0,
+    "minutes": 60.0,
+    "h": 3600.0,
+    "hr": 3600.0,
+    "hour": 3600.0,
+    "hours": 3600.0,
+    "d": 86400.0,
+    "day": 86400.0,
+    "days": 86400.0,
+}
 
 
 def parse_timespan(text: str) -> float:
@@ -378,7 +410,7 @@ def parse(text: str, name: str | None = None) -> Unit:
     systemd takes a unit's name from its file name; ``render`` also writes it as ``X-Nap-Name=`` so that
     the text alone describes the instance. ``name`` (the file's name, without ``.service``) wins.
     """
-    values: dict[str, object] = {"env": {}}
+    values: dict[str, Any] = {"env": {}}
     argv: list[str] | None = None
     names: list[str] = []
     burst = None
@@ -473,11 +505,18 @@ def verify(text: str, name: str) -> str:
         path = os.path.join(tmp, f"{name}.service")
         with open(path, "w", encoding="utf-8") as f:
             f.write(text)
-        env = {"PATH": os.environ.get("PATH", "/usr/bin:/bin"), "SYSTEMD_LOG_COLOR": "0",
-               "SYSTEMD_PAGER": "", "LANG": "C.UTF-8"}
+        env = {
+            "PATH": os.environ.get("PATH", "/usr/bin:/bin"),
+            "SYSTEMD_LOG_COLOR": "0",
+            "SYSTEMD_PAGER": "",
+            "LANG": "C.UTF-8",
+        }
         proc = subprocess.run(
             [SYSTEMD_ANALYZE, "verify", "--man=no", "--recursive-errors=no", path],
-            capture_output=True, text=True, env=env, timeout=60,
+            capture_output=True,
+            text=True,
+            env=env,
+            timeout=60,
         )
         out = (proc.stdout + proc.stderr).strip()
         if proc.returncode and not out:

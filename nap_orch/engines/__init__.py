@@ -1,21 +1,8 @@
-"""Engines run rendered units somewhere: ``local`` (the nap agent on this host) or ``slurm``."""
+"""Engines run rendered units somewhere: fleet's old role.
 
-from __future__ import annotations
-
-from ..config import Settings
-from .base import Engine, InstanceStatus, UnitSpec
-
-
-def open_engine(settings: Settings) -> Engine:
-    if settings.engine == "local":
-        from .local import LocalEngine
-
-        return LocalEngine(settings)
-    if settings.engine == "slurm":
-        from .slurm import SlurmEngine
-
-        return SlurmEngine(settings)
-    raise ValueError(f"unknown engine {settings.engine!r} (local or slurm)")
-
-
-__all__ = ["Engine", "InstanceStatus", "UnitSpec", "open_engine"]
+``base.py`` is the seam every engine implements; ``registry.py`` maps ``NAP_ENGINE`` to an engine and
+its daemon (what ``nap agent`` runs). Each engine is one package that owns everything it runs
+(``local/``, ``slurm/``); what they share is beside them: the restart decision (``restarts.py``), the
+port allocator (``ports.py``), journal lines (``journal.py``), spare files (``files.py``) and the
+daemon's plumbing (``daemon.py``). No engine imports another.
+"""

@@ -7,8 +7,8 @@ status. Adding an engine is adding one module beside this one.
 from __future__ import annotations
 
 import abc
+from collections.abc import AsyncIterator
 from dataclasses import asdict, dataclass, field
-from typing import AsyncIterator
 
 # Instance states, as users see them.
 STARTING, RUNNING, EXITED, FAILED, STOPPED = "starting", "running", "exited", "failed", "stopped"
@@ -43,7 +43,7 @@ class Engine(abc.ABC):
 
     name = "base"
 
-    async def open(self) -> "Engine":
+    async def open(self) -> Engine:
         return self
 
     async def close(self) -> None:
@@ -58,7 +58,7 @@ class Engine(abc.ABC):
         """Status of the named instances; unknown names are absent from the answer."""
 
     @abc.abstractmethod
-    async def list(self, prefix: str) -> list[InstanceStatus]:
+    async def instances(self, prefix: str) -> list[InstanceStatus]:
         """Every instance whose name starts with ``prefix`` (``alice_web_``)."""
 
     @abc.abstractmethod

@@ -1,11 +1,30 @@
 """What a state store must provide. Keys are etcd-style paths (``/services/url/alice/web``); values are str.
 
-Both implementations (``etcd.py``, ``redis.py``) pass the same contract suite (tests/test_store.py).
+The implementations (``etcd.py``, ``redis.py``, and ``memory.py`` for unit tests) pass the same contract
+suite (tests/integration/test_store.py; the in-memory one in tests/unit/test_store_memory.py).
 """
 
 from __future__ import annotations
 
 import abc
+import asyncio
+from collections.abc import Awaitable, Iterable
+from typing import TypeVar
+
+T = TypeVar("T")
+# Requests in flight at once for the many-key operations below (etcd takes ~5,000 puts/s with 32 in flight).
+IN_FLIGHT = 64
+
+
+async def gather_limited(coros: Iterable[Awaitable[T]], limit: int = IN_FLIGHT) -> list[T]:
+    """``asyncio.gather`` with at most ``limit`` of them awaited at once."""
+    sem = asyncio.Semaphore(limit)
+
+    async def one(c: Awaitable[T]) -> T:
+        async with sem:
+            return await c
+
+    return await asyncio.gather(*(one(c) for c in coros))
 
 
 class LeaseExpired(LookupError):
@@ -25,7 +44,7 @@ class Lease(abc.ABC):
 
 
 class Store(abc.ABC):
-    async def open(self) -> "Store":
+    async def open(self) -> Store:
         """Connect; returns self. Idempotent."""
         return self
 
@@ -46,6 +65,14 @@ class Store(abc.ABC):
     async def create(self, key: str, value: str, lease: Lease | None = None) -> bool:
         """Write ``key`` only if it does not exist; True when this call created it (atomic)."""
 
+    async def create_many(self, items: Iterable[tuple[str, str]]) -> list[bool]:
+        """``create`` for each (key, value), concurrently: which of them this call created."""
+        return await gather_limited(self.create(k, v) for k, v in items)
+
+    async def get_many(self, keys: Iterable[str]) -> list[str | None]:
+        """``get`` of each key, concurrently, in order."""
+        return await gather_limited(self.get(k) for k in keys)
+
     @abc.abstractmethod
     async def delete(self, key: str) -> bool:
         """Delete one key; True when it existed."""
@@ -64,7 +91,7 @@ class Store(abc.ABC):
     async def lease(self, ttl: int) -> Lease:
         """Grant a lease of ``ttl`` seconds."""
 
-    async def __aenter__(self) -> "Store":
+    async def __aenter__(self) -> Store:
         return await self.open()
 
     async def __aexit__(self, *exc) -> None:

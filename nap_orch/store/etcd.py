@@ -53,7 +53,7 @@ class EtcdLease(Lease):
     """An etcd lease. etcd grants at least its minimum TTL (2 s with default timings), so ``ttl``
     is the granted one, which may exceed the one asked for."""
 
-    def __init__(self, store: "EtcdStore", lease_id: int, ttl: int):
+    def __init__(self, store: EtcdStore, lease_id: int, ttl: int):
         self.store = store
         self.id = lease_id
         self.ttl = ttl
@@ -104,7 +104,7 @@ class EtcdStore(Store):
 
     # -- connection ------------------------------------------------------------------------------
 
-    async def open(self) -> "EtcdStore":
+    async def open(self) -> EtcdStore:
         """Connect to the first endpoint that answers; ConnectionError when none does."""
         await self._connected()
         return self
@@ -140,12 +140,12 @@ class EtcdStore(Store):
     def _discard(self, client: aetcd.Client) -> None:
         """Drop a failed channel (once, however many requests saw it fail) and close it in the background,
         letting requests still on it finish."""
+        channel = client.channel
         if self._client is not client:
             return
         self._client = None
         if len(self.endpoints) > 1:
             self._current = (self._current + 1) % len(self.endpoints)
-        channel = client.channel
         if channel is not None:
             task = asyncio.get_running_loop().create_task(channel.close(grace=self.timeout))
             self._closing.add(task)

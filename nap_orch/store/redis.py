@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import contextlib
 import secrets
+from typing import Any
 from urllib.parse import urlsplit, urlunsplit
 
 import redis.asyncio as aioredis
@@ -124,7 +125,7 @@ def _redact(url: str) -> str:
 class RedisLease(Lease):
     """A lease in Redis: a key with a PX TTL, and the set of keys put with it, kept here by its holder."""
 
-    def __init__(self, store: "RedisStore", lease_id: str, ttl: int):
+    def __init__(self, store: RedisStore, lease_id: str, ttl: int):
         self.store = store
         self.id = lease_id
         self.ttl = ttl
@@ -167,7 +168,7 @@ class RedisStore(Store):
         self._redis: aioredis.Redis | None = None
         self._scripts: dict = {}
 
-    def _client(self) -> aioredis.Redis:
+    def _client(self) -> Any:  # replies are bytes | str to redis-py's annotations; str here (decode_responses)
         if self._redis is None:
             pool = aioredis.BlockingConnectionPool.from_url(
                 self.redis_url,
@@ -204,7 +205,7 @@ class RedisStore(Store):
         with self._reachable():
             return await self._scripts[script](keys=keys, args=args, client=client)
 
-    async def open(self) -> "RedisStore":
+    async def open(self) -> RedisStore:
         """Connect and check that the server answers; ConnectionError when it does not."""
         with self._reachable():
             await self._client().ping()
@@ -222,7 +223,7 @@ class RedisStore(Store):
         keys = [self._index, self._kv + key] + ([lease.name] if lease is not None else [])
         written = await self._eval("put", keys, [key, value, int(nx)])
         if written == -1:
-            raise LeaseExpired(f"redis lease {lease.id} has expired")
+            raise LeaseExpired(f"redis lease {getattr(lease, 'id', '?')} has expired")
         if written == 1 and lease is not None:
             lease.keys.add(key)
         return written == 1

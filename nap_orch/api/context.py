@@ -1,0 +1,23 @@
+"""What a handler reaches through its request: the API's long-lived resources (held on the aiohttp
+application under typed keys) and the caller."""
+
+from __future__ import annotations
+
+from aiohttp import web
+from dramatiq.brokers.redis import RedisBroker
+
+from ..config import Settings
+from ..jobs.runner import Runtime
+from .auth import Users
+
+SETTINGS = web.AppKey("settings", Settings)
+RUNTIME = web.AppKey("runtime", Runtime)
+USERS = web.AppKey("users", Users)
+BROKER = web.AppKey("broker", RedisBroker)
+
+
+async def caller(request: web.Request) -> str:
+    """The user whose token the request carries (401 otherwise); ``request["admin"]`` says if an admin."""
+    user, admin = await request.app[USERS].authenticate(request.headers.get("Authorization"))
+    request["admin"] = admin
+    return user

@@ -1,0 +1,322 @@
+"""The HTTP API's routes and handlers: authenticate, validate, call the domain code, answer.
+
+Routes are declared in ``routes()``; a job is recorded and enqueued by ``enqueue`` and answered 202.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from typing import Any
+from urllib.parse import urlparse
+
+import dramatiq
+from aiohttp import web
+
+from ..config import Settings
+from ..errors import BadRequest, Forbidden, NotFound
+from ..http import json_object
+from ..jobs.broker import QUEUE
+from ..jobs.records import JobState
+from ..names import InstanceName, check_name, split_service
+from ..ops import apps, profile
+from ..ops.instances import manage
+from .context import BROKER, RUNTIME, SETTINGS, USERS, caller
+from .sse import job_events, user_events
+
+ALLOWED_SCHEMES = ("http", "https", "git", "git+http", "git+https")
+
+
+def service_arg(value, user: str) -> str:
+    """An app argument: ``app`` or the seed's ``username_appname`` (whose user must be the caller)."""
+    if isinstance(value, str) and "_" in value:
+        u, a = split_service(value)
+        if u != user:
+            raise Forbidden(f"{value!r} belongs to user {u!r}; you are {user!r}")
+        return a
+    return check_name(value, "app name")
+
+
+def instance_arg(value: str, user: str) -> InstanceName:
+    inst = InstanceName.parse(value)
+    if inst.user != user:
+        raise NotFound(f"no instance {value!r}")
+    return inst
+
+
+async def app_of(request: web.Request) -> tuple[str, str]:
+    """The caller and the app named in the path."""
+    user = await caller(request)
+    return user, service_arg(request.match_info["app"], user)
+
+
+async def instance_of(request: web.Request) -> InstanceName:
+    """The caller's instance named in the path (another user's answers 404)."""
+    return instance_arg(request.match_info["name"], await caller(request))
+
+
+def check_source_url(url, settings: Settings) -> None:
+    if not isinstance(url, str) or not url.strip():
+        raise BadRequest("url must be a non-empty string")
+    if any(ord(c) < 32 for c in url):
+        raise BadRequest("url contains control characters")
+    scheme = urlparse(url).scheme.lower()
+    if scheme in ALLOWED_SCHEMES:
+        return
+    if scheme == "file" or (not scheme and url.startswith("/")):
+        if settings.allow_local_sources:
+            return
+        raise BadRequest("local sources (file:// or a path) are not allowed on this server")
+    raise BadRequest(f"URL scheme {scheme or '(none)'!r} is not allowed: use http, https or git")
+
+
+async def enqueue(request: web.Request, kind: str, user: str, args: dict[str, Any]) -> web.Response:
+    rt = request.app[RUNTIME]
+    job = await rt.jobs.create(kind, user, args)
+    message: dramatiq.Message[Any] = dramatiq.Message(
+        queue_name=QUEUE, actor_name=kind, args=(job.id,), kwargs={}, options={}
+    )
+    # Broker.enqueue blocks (sync Redis client): keep it off the event loop.
+    await asyncio.get_running_loop().run_in_executor(None, request.app[BROKER].enqueue, message)
+    return web.json_response(
+        {
+            "job": job.id,
+            "state": job.state,
+            "kind": kind,
+            "links": {"self": f"/v1/jobs/{job.id}", "events": f"/v1/jobs/{job.id}/events"},
+        },
+        status=202,
+    )
+
+
+# -- users -----------------------------------------------------------------------------------------
+async def add_user(request: web.Request) -> web.Response:
+    await caller(request)
+    if not request["admin"]:
+        raise Forbidden("only an admin can add users")
+    data = await json_object(request, "name")
+    token = await request.app[USERS].add(data["name"], admin=bool(data.get("admin")))
+    return web.json_response({"name": data["name"], "token": token}, status=201)
+
+
+async def whoami(request: web.Request) -> web.Response:
+    user = await caller(request)
+    return web.json_response({"name": user, "admin": request["admin"]})
+
+
+# -- apps ------------------------------------------------------------------------------------------
+async def deploy_app(request: web.Request) -> web.Response:
+    user = await caller(request)
+    data = await json_object(request, "url")
+    app = service_arg(data.get("app") or data.get("service") or data.get("username_servicename"), user)
+    check_source_url(data["url"], request.app[SETTINGS])
+    return await enqueue(request, "deploy", user, {"user": user, "app": app, "url": data["url"]})
+
+
+async def list_services(request: web.Request) -> web.Response:
+    user = await caller(request)
+    asked = request.query.get("user")
+    if asked is not None and asked != user:
+        raise Forbidden(f"you are {user!r}: you can list only your own services")
+    names = apps.list_apps(request.app[SETTINGS], user)
+    return web.json_response({"user": user, "services": names, "apps": [f"{user}_{n}" for n in names]})
+
+
+async def get_app(request: web.Request) -> web.Response:
+    user, app = await app_of(request)
+    settings = request.app[SETTINGS]
+    spec = apps.spec(settings, user, app)
+    url = await apps.url(request.app[RUNTIME].store, user, app)
+    return web.json_response(
+        {
+            "app": app,
+            "service": f"{user}_{app}",
+            "kind": spec.kind,
+            "url": url,
+            "parameters": spec.parameters,
+            "para_str": ",".join(spec.parameters),
+        }
+    )
+
+
+async def get_service_url(request: web.Request) -> web.Response:
+    user, app = await app_of(request)
+    url = await apps.url(request.app[RUNTIME].store, user, app)
+    if url is None:
+        raise NotFound(f"app {app!r} is not deployed")
+    return web.json_response({"app": app, "url": url})
+
+
+async def get_parameters(request: web.Request) -> web.Response:
+    user, app = await app_of(request)
+    spec = apps.spec(request.app[SETTINGS], user, app)
+    return web.json_response({"app": app, "parameters": spec.parameters, "para_str": ",".join(spec.parameters)})
+
+
+async def cat_app(request: web.Request) -> web.Response:
+    user, app = await app_of(request)
+    spec = apps.spec(request.app[SETTINGS], user, app)
+    return web.json_response({"app": app, "file": spec.filename, "text": spec.text})
+
+
+def _launch_params(data: dict, spec: profile.AppSpec) -> dict:
+    params = data.get("params", {})
+    if isinstance(params, str):  # the seed's para_str
+        params = profile.para_str_to_params(params, spec.parameters)
+    if "para_str" in data:
+        params = profile.para_str_to_params(data["para_str"], spec.parameters)
+    return profile.check_values(params, spec.parameters)
+
+
+async def start_common(request: web.Request) -> web.Response:
+    user = await caller(request)
+    settings = request.app[SETTINGS]
+    app = service_arg(request.match_info["app"], user)
+    data = await json_object(request)
+    spec = apps.spec(settings, user, app)
+    if spec.kind != "common":
+        raise BadRequest(f"app {app!r} is an MPI app: use start_mpi")
+    params = _launch_params(data, spec)
+    count = data.get("count")
+    if count is not None and (
+        not isinstance(count, int) or isinstance(count, bool) or not 1 <= count <= settings.max_count
+    ):
+        raise BadRequest(f"count must be a whole number from 1 to {settings.max_count}")
+    return await enqueue(request, "start_common", user, {"user": user, "app": app, "params": params, "count": count})
+
+
+async def start_mpi(request: web.Request) -> web.Response:
+    user = await caller(request)
+    settings = request.app[SETTINGS]
+    app = service_arg(request.match_info["app"], user)
+    data = await json_object(request)
+    spec = apps.spec(settings, user, app)
+    if spec.kind != "mpi":
+        raise BadRequest(f"app {app!r} has no mpi.xml: use start_common")
+    params = _launch_params(data, spec)
+    return await enqueue(request, "start_mpi", user, {"user": user, "app": app, "params": params})
+
+
+# -- instances -------------------------------------------------------------------------------------
+async def list_instances(request: web.Request) -> web.Response:
+    user, app = await app_of(request)
+    rt = request.app[RUNTIME]
+    rows = await manage.list_instances(rt, user, app)
+    return web.json_response({"app": app, "count": len(rows), "instances": rows})
+
+
+async def get_instances_num(request: web.Request) -> web.Response:
+    user, app = await app_of(request)
+    rows = await manage.list_instances(request.app[RUNTIME], user, app)
+    return web.json_response({"app": app, "count": len(rows)})
+
+
+async def get_instance(request: web.Request) -> web.Response:
+    inst = await instance_of(request)
+    return web.json_response(await manage.instance_status(request.app[RUNTIME], inst))
+
+
+async def get_port(request: web.Request) -> web.Response:
+    inst = await instance_of(request)
+    return web.json_response(await manage.get_port(request.app[RUNTIME], inst))
+
+
+async def instance_profile(request: web.Request) -> web.Response:
+    inst = await instance_of(request)
+    return web.json_response(manage.instance_profile(request.app[SETTINGS], inst))
+
+
+async def instance_unit(request: web.Request) -> web.Response:
+    inst = await instance_of(request)
+    text = await request.app[RUNTIME].engine.unit_text(inst.name)
+    if text is None:
+        raise NotFound(f"no instance {inst.name!r}")
+    return web.json_response({"instance": inst.name, "unit": inst.unit, "text": text})
+
+
+async def stop_app(request: web.Request) -> web.Response:
+    inst = await instance_of(request)
+    return web.json_response(await manage.stop_instance(request.app[RUNTIME], inst))
+
+
+async def start_app(request: web.Request) -> web.Response:
+    inst = await instance_of(request)
+    return web.json_response(await manage.start_instance(request.app[RUNTIME], inst))
+
+
+async def get_journal(request: web.Request) -> web.StreamResponse:
+    inst = await instance_of(request)
+    rt = request.app[RUNTIME]
+    try:
+        lines = int(request.query.get("lines", "100"))
+    except ValueError:
+        raise BadRequest("lines must be a whole number") from None
+    follow = request.query.get("follow", "") in ("1", "true", "yes")
+    await manage.require_instance(rt, inst)
+    resp = web.StreamResponse(headers={"Content-Type": "text/plain; charset=utf-8"})
+    await resp.prepare(request)
+    async for line in rt.engine.journal(inst.name, lines=lines, follow=follow):
+        await resp.write((line.rstrip("\n") + "\n").encode())
+    await resp.write_eof()
+    return resp
+
+
+# -- jobs and events -------------------------------------------------------------------------------
+async def list_jobs(request: web.Request) -> web.Response:
+    user = await caller(request)
+    state = request.query.get("state")
+    if state and state not in {s.value for s in JobState}:
+        raise BadRequest(f"state must be one of {', '.join(s.value for s in JobState)}")
+    try:
+        limit = max(1, min(1000, int(request.query.get("limit", "100"))))
+    except ValueError:
+        raise BadRequest("limit must be a whole number") from None
+    jobs = await request.app[RUNTIME].jobs.list(user, state, limit)
+    return web.json_response({"jobs": [j.to_json() for j in jobs]})
+
+
+async def get_job(request: web.Request) -> web.Response:
+    user = await caller(request)
+    job = await request.app[RUNTIME].jobs.get(request.match_info["id"], user)
+    return web.json_response(job.to_json())
+
+
+async def cancel_job(request: web.Request) -> web.Response:
+    user = await caller(request)
+    jobs = request.app[RUNTIME].jobs
+    job = await jobs.get(request.match_info["id"], user)
+    job = await jobs.request_cancel(job)
+    return web.json_response(job.to_json(), status=202 if job.state == "running" else 200)
+
+
+async def health(request: web.Request) -> web.Response:
+    return web.json_response({"ok": True})
+
+
+def routes() -> list[web.RouteDef]:
+    return [
+        web.get("/health", health),
+        web.post("/v1/users", add_user),
+        web.get("/v1/whoami", whoami),
+        web.post("/v1/apps", deploy_app),
+        web.get("/v1/apps", list_services),
+        web.get("/v1/apps/{app}", get_app),
+        web.get("/v1/apps/{app}/url", get_service_url),
+        web.get("/v1/apps/{app}/parameters", get_parameters),
+        web.get("/v1/apps/{app}/profile", cat_app),
+        web.post("/v1/apps/{app}/instances", start_common),
+        web.get("/v1/apps/{app}/instances", list_instances),
+        web.get("/v1/apps/{app}/instances/count", get_instances_num),
+        web.post("/v1/apps/{app}/mpi", start_mpi),
+        web.get("/v1/instances/{name}", get_instance),
+        web.get("/v1/instances/{name}/port", get_port),
+        web.get("/v1/instances/{name}/journal", get_journal),
+        web.get("/v1/instances/{name}/profile", instance_profile),
+        web.get("/v1/instances/{name}/unit", instance_unit),
+        web.post("/v1/instances/{name}/stop", stop_app),
+        web.post("/v1/instances/{name}/start", start_app),
+        web.get("/v1/jobs", list_jobs),
+        web.get("/v1/jobs/{id}", get_job),
+        web.post("/v1/jobs/{id}/cancel", cancel_job),
+        web.get("/v1/jobs/{id}/events", job_events),
+        web.get("/v1/events", user_events),
+    ]

@@ -1,0 +1,89 @@
+"""A small synchronous HTTP client of the nap API (used by the command line and tests)."""
+
+from __future__ import annotations
+
+import json
+import os
+import urllib.error
+import urllib.parse
+import urllib.request
+from collections.abc import Iterator
+
+
+class ApiError(Exception):
+    def __init__(self, status: int, body: dict):
+        self.status = status
+        self.body = body
+        super().__init__(f"HTTP {status}: {body.get('message') or body}")
+
+
+class Client:
+    def __init__(self, url: str | None = None, token: str | None = None, timeout: float = 30.0):
+        self.url = (url or os.environ.get("NAP_URL") or "http://127.0.0.1:8470").rstrip("/")
+        self.token = token if token is not None else os.environ.get("NAP_TOKEN", "")
+        self.timeout = timeout
+
+    def _request(
+        self,
+        method: str,
+        path: str,
+        data=None,
+        query: dict | None = None,
+        stream: bool = False,
+        headers: dict | None = None,
+    ):
+        url = self.url + path
+        if query:
+            url += "?" + urllib.parse.urlencode({k: v for k, v in query.items() if v is not None})
+        body = json.dumps(data).encode() if data is not None else None
+        req = urllib.request.Request(url, data=body, method=method)
+        if body is not None:
+            req.add_header("Content-Type", "application/json")
+        if self.token:
+            req.add_header("Authorization", f"Bearer {self.token}")
+        for k, v in (headers or {}).items():
+            req.add_header(k, v)
+        try:
+            resp = urllib.request.urlopen(req, timeout=None if stream else self.timeout)
+        except urllib.error.HTTPError as e:
+            raw = e.read()
+            try:
+                payload = json.loads(raw)
+            except ValueError:
+                payload = {"message": raw.decode(errors="replace")}
+            raise ApiError(e.code, payload) from None
+        except urllib.error.URLError as e:
+            raise ApiError(
+                0, {"error": "unreachable", "message": f"cannot reach the nap API at {self.url}: {e.reason}"}
+            ) from None
+        if stream:
+            return resp
+        with resp:
+            return json.loads(resp.read() or b"null")
+
+    def get(self, path: str, **query):
+        return self._request("GET", path, query=query)
+
+    def post(self, path: str, data=None):
+        return self._request("POST", path, data=data if data is not None else {})
+
+    def lines(self, path: str, **query) -> Iterator[str]:
+        with self._request("GET", path, query=query, stream=True) as resp:
+            for raw in resp:
+                yield raw.decode(errors="replace").rstrip("\n")
+
+    def events(self, path: str, last_id: str | None = None) -> Iterator[dict]:
+        """Server-sent events of a job or user stream, as dicts with ``id``, ``event`` and ``data``."""
+        headers = {"Last-Event-ID": last_id} if last_id else None
+        with self._request("GET", path, stream=True, headers=headers) as resp:
+            ev: dict = {}
+            for raw in resp:
+                line = raw.decode().rstrip("\n")
+                if not line:
+                    if ev:
+                        ev["data"] = json.loads(ev.get("data", "null"))
+                        yield ev
+                    ev = {}
+                    continue
+                key, _, value = line.partition(": ")
+                ev[key] = value

@@ -1,0 +1,285 @@
+"""The ``nap`` command line: the seed's operations by their seed names, plus the platform's own.
+
+Reads ``NAP_URL`` and ``NAP_TOKEN``. ``--json`` prints machine-readable output; ``--wait`` follows a
+job's events until it ends and exits non-zero if it failed.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import time
+
+from .client import ApiError, Client
+
+
+def _out(args, data, text: str | None = None) -> None:
+    if args.json or text is None:
+        print(json.dumps(data, indent=2))
+    else:
+        print(text)
+
+
+def _params(words: list[str]) -> dict | str:
+    """``k=v`` pairs (space- or comma-separated) -> dict; anything else is the seed's para_str."""
+    if not words:
+        return {}
+    if all("=" in w for w in words):
+        parts = words if len(words) > 1 else _split_pairs(words[0])
+        return dict(p.split("=", 1) for p in parts)
+    return ",".join(words)
+
+
+def _split_pairs(text: str) -> list[str]:
+    # "a=1,b=2" -> ["a=1", "b=2"]; a comma inside a value is kept when not followed by "name=".
+    import re
+
+    return re.split(r",(?=[A-Za-z_][A-Za-z0-9_-]*=)", text)
+
+
+class Bar:
+    """A one-line progress bar on a terminal; plain lines otherwise."""
+
+    def __init__(self, stream=sys.stderr):
+        self.stream = stream
+        self.tty = stream.isatty()
+        self.shown = False
+
+    def update(self, done: int, total: int, label: str = "") -> None:
+        if not self.tty:
+            return
+        width = 30
+        filled = int(width * done / total) if total else width
+        self.stream.write(f"\r[{'#' * filled}{'.' * (width - filled)}] {done}/{total} {label}   ")
+        self.stream.flush()
+        self.shown = True
+
+    def line(self, text: str) -> None:
+        if self.shown:
+            self.stream.write("\r\033[K")
+        self.stream.write(text + "\n")
+        self.stream.flush()
+
+
+def watch(client: Client, job_id: str, quiet: bool = False) -> int:
+    """Follow a job's events; 0 if it succeeded."""
+    bar = Bar()
+    final = None
+    for ev in client.events(f"/v1/jobs/{job_id}/events"):
+        kind, data = ev.get("event"), ev["data"]
+        if kind == "log" and not quiet:
+            bar.line(f"  {data['line']}")
+        elif kind == "progress":
+            bar.update(data["done"], data["total"], data.get("phase", ""))
+        elif kind == "state":
+            if not quiet:
+                bar.line(f"job {job_id}: {data['state']}" + (f" ({data['error']})" if data.get("error") else ""))
+            final = data
+    job = client.get(f"/v1/jobs/{job_id}")
+    result = job.get("result") or {}
+    if job["kind"] == "start_common" and result:
+        print(f"running: {result.get('running')}, failed: {result.get('failed')}, seconds: {result.get('seconds')}")
+    if job["state"] != "succeeded":
+        print(f"job {job_id} {job['state']}: {job.get('error')}", file=sys.stderr)
+        return 1
+    return 0 if final is None or final.get("state") == "succeeded" else 1
+
+
+def _submitted(args, client: Client, resp: dict) -> int:
+    if args.wait:
+        if not args.json:
+            print(f"job {resp['job']} queued")
+        code = watch(client, resp["job"])
+        if args.json:
+            print(json.dumps(client.get(f"/v1/jobs/{resp['job']}"), indent=2))
+        return code
+    _out(args, resp, resp["job"])
+    return 0
+
+
+def cmd_remote(args) -> int:
+    c = Client()
+    op = args.op
+    if op == "deploy_app":
+        return _submitted(args, c, c.post("/v1/apps", {"app": args.service, "url": args.url}))
+    if op == "list_services":
+        r = c.get("/v1/apps", user=args.user)
+        _out(args, r, "\n".join(r["apps"]))
+    elif op == "get_service_url":
+        r = c.get(f"/v1/apps/{args.service}/url")
+        _out(args, r, r["url"])
+    elif op == "get_parameters":
+        r = c.get(f"/v1/apps/{args.service}/parameters")
+        _out(args, r, r["para_str"])
+    elif op == "cat_app":
+        if "@" in args.name:
+            r = c.get(f"/v1/instances/{args.name}/profile")
+        else:
+            r = c.get(f"/v1/apps/{args.name}/profile")
+        _out(args, r, r["text"].rstrip("\n"))
+    elif op == "cat_unit":
+        r = c.get(f"/v1/instances/{args.instance}/unit")
+        _out(args, r, r["text"].rstrip("\n"))
+    elif op == "list_instances":
+        r = c.get(f"/v1/apps/{args.service}/instances")
+        rows = [
+            f"{i['name']}\t{i['state']}"
+            + (f"({i['exit_code']})" if i.get("exit_code") is not None else "")
+            + f"\trestarts={i['restarts']}"
+            + (f"\t{i['port']['host']}:{i['port']['port']}" if i.get("port") else "")
+            for i in r["instances"]
+        ]
+        _out(args, r, "\n".join(rows))
+    elif op == "get_instances_num":
+        r = c.get(f"/v1/apps/{args.service}/instances/count")
+        _out(args, r, str(r["count"]))
+    elif op == "get_port":
+        r = c.get(f"/v1/instances/{args.instance}/port")
+        _out(args, r, f"{r['host']}:{r['port']}")
+    elif op == "get_journal":
+        for line in c.lines(
+            f"/v1/instances/{args.instance}/journal", lines=args.lines, follow=1 if args.follow else None
+        ):
+            print(line, flush=True)
+    elif op in ("stop_app", "start_app"):
+        r = c.post(f"/v1/instances/{args.instance}/{op.split('_')[0]}")
+        _out(args, r, f"{r['name']}: {r['state']}")
+    elif op == "start_common":
+        body = {"params": _params(args.params)}
+        if args.count:
+            body["count"] = args.count
+        return _submitted(args, c, c.post(f"/v1/apps/{args.service}/instances", body))
+    elif op == "start_mpi":
+        return _submitted(args, c, c.post(f"/v1/apps/{args.service}/mpi", {"params": _params(args.params)}))
+    elif op == "jobs":
+        r = c.get("/v1/jobs", state=args.state)
+        _out(
+            args,
+            r,
+            "\n".join(
+                f"{j['id']}\t{j['kind']}\t{j['state']}\t{time.strftime('%F %T', time.localtime(j['created']))}"
+                + (f"\t{j['error']}" if j.get("error") else "")
+                for j in r["jobs"]
+            ),
+        )
+    elif op == "job":
+        r = c.get(f"/v1/jobs/{args.id}")
+        _out(args, r)
+    elif op == "watch":
+        return watch(c, args.id)
+    elif op == "cancel":
+        r = c.post(f"/v1/jobs/{args.id}/cancel")
+        _out(args, r, f"job {r['id']}: {r['state']}" + (" (cancel requested)" if r["state"] == "running" else ""))
+    elif op == "user":
+        r = c.post("/v1/users", {"name": args.name, "admin": args.admin})
+        _out(args, r, r["token"])
+    return 0
+
+
+def cmd_local(args) -> int:
+    from ..config import Settings
+
+    settings = Settings.from_env()
+    if args.op == "api":
+        from ..api.app import serve
+
+        serve(settings, args.port)
+    elif args.op == "agent":
+        from ..engines.registry import run_daemon
+
+        run_daemon(settings)
+    elif args.op == "worker":
+        import os
+
+        os.execvp(
+            sys.executable,
+            [
+                sys.executable,
+                "-m",
+                "dramatiq",
+                "workers",
+                "--processes",
+                str(args.processes),
+                "--threads",
+                str(args.threads),
+            ],
+        )
+    elif args.op == "up":
+        from .up import up
+
+        return up(settings, args)
+    return 0
+
+
+def parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="nap", description="nap-orch: deploy apps and run instances (NAP_URL, NAP_TOKEN)")
+    p.add_argument("--json", action="store_true", help="machine-readable output")
+    sub = p.add_subparsers(dest="op", required=True, metavar="operation")
+
+    def op(name: str, help: str, *aliases: str):
+        sp = sub.add_parser(name, help=help, aliases=[name.replace("_", "-"), *aliases])
+        sp.set_defaults(op=name)
+        sp.add_argument("--json", action="store_true", default=argparse.SUPPRESS)
+        return sp
+
+    s = op("deploy_app", "upload an app from a URL (a job)")
+    s.add_argument("service", help="username_appname or appname")
+    s.add_argument("url")
+    s.add_argument("--wait", action="store_true")
+    op("list_services", "the apps you have deployed").add_argument("user", nargs="?")
+    op("get_service_url", "the URL an app was deployed from").add_argument("service")
+    op("get_parameters", "an app's {parameters} (comma-joined)").add_argument("service")
+    op("cat_app", "an app's profile, or an instance's substituted profile").add_argument("name")
+    op("cat_unit", "the rendered unit of an instance").add_argument("instance")
+    op("list_instances", "instances of an app with their states").add_argument("service")
+    op("get_instances_num", "how many instances an app has").add_argument("service")
+    op("get_port", "host:port of a running instance").add_argument("instance")
+    s = op("get_journal", "an instance's journal")
+    s.add_argument("instance")
+    s.add_argument("-n", "--lines", type=int, default=100)
+    s.add_argument("-f", "--follow", action="store_true")
+    op("stop_app", "stop an instance").add_argument("instance")
+    op("start_app", "start a stopped instance again").add_argument("instance")
+    for name, what in (
+        ("start_common", "start instances of an app (a job)"),
+        ("start_mpi", "start an MPI run (a job)"),
+    ):
+        s = op(name, what)
+        s.add_argument("service")
+        s.add_argument("params", nargs="*", help="k=v pairs, or the seed's para_str (values comma-joined)")
+        s.add_argument("--wait", action="store_true")
+        if name == "start_common":
+            s.add_argument("--count", type=int)
+    op("jobs", "your jobs").add_argument("--state")
+    op("job", "one job's record").add_argument("id")
+    op("watch", "follow a job's events until it ends").add_argument("id")
+    op("cancel", "cancel a job").add_argument("id")
+    s = op("user", "manage users (admin): nap user add NAME")
+    s.add_argument("action", choices=["add"])
+    s.add_argument("name")
+    s.add_argument("--admin", action="store_true")
+    op("api", "run the HTTP API").add_argument("--port", type=int)
+    s = op("worker", "run job workers (dramatiq)")
+    s.add_argument("--processes", "-p", type=int, default=2)
+    s.add_argument("--threads", "-t", type=int, default=8)
+    op("agent", "run the local engine's agent")
+    s = op("up", "run the whole embedded stack")
+    s.add_argument("--port", type=int)
+    s.add_argument("--workers", type=int, default=1)
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parser().parse_args(argv)
+    if not hasattr(args, "json"):
+        args.json = False
+    try:
+        if args.op in ("api", "agent", "worker", "up"):
+            return cmd_local(args)
+        return cmd_remote(args)
+    except ApiError as e:
+        print(f"error: {e.body.get('message') or e.body}", file=sys.stderr)
+        return 1 if e.status < 500 else 2
+    except KeyboardInterrupt:
+        return 130

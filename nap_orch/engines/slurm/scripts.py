@@ -1,0 +1,220 @@
+"""Batch scripts for the Slurm engine: units translated into bash that runs exactly what they say.
+
+A common instance is one task of an array job (the task id is the instance number, less the group's
+offset); the array's script is the same few lines for all its tasks, and each instance's own command is
+in its task file ``<tasks>/<instance>.sh``, written at submit. A task waits for the port the control plane
+assigns once the task's node is known (a file ``<run>/<job>.port``: "port host"), then runs the unit's
+command in its ``WorkingDirectory``, with its ``Environment`` plus ``PORT`` and ``NAP_HOST`` and nothing
+else (``env -i``, as systemd would), under its ``MemoryMax`` as an address-space limit (``--mem`` is the
+real one where Slurm enforces it), writes the program's pid to ``<run>/<job>.started`` once it is
+started (the instance is running from then on) and its exit code to ``<run>/<job>.exit`` ("code signalled"):
+Slurm's own record of a job is gone ``MinJobAge`` after it ends, and this Slurm has no accounting.
+
+An MPI run is one job: the master's unit runs as the batch script (component 0 of a heterogeneous
+job), its slaves as one step over the slaves' tasks (component 1), and ``nap_orch.mpirun`` launches the
+program with ``srun --mpi=pmix`` over both components: one MPI world across the nodes.
+
+Words are quoted for bash with single quotes (``shlex.quote``): a value is data. The argv markers of
+``${PORT}`` and ``${NAP_HOST}`` become ``"${PORT}"``/``"${NAP_HOST}"``; other references take their
+value from the unit's environment, as systemd's expansion would.
+"""
+
+from __future__ import annotations
+
+import json
+import shlex
+from collections.abc import Sequence
+
+from ... import units
+
+# Exit code of a branch whose WorkingDirectory can't be entered (systemd's 200/CHDIR).
+EXIT_CHDIR = 200
+
+PRELUDE = r"""
+nap_job=${SLURM_ARRAY_JOB_ID:+${SLURM_ARRAY_JOB_ID}_${SLURM_ARRAY_TASK_ID}}
+nap_job=${nap_job:-$SLURM_JOB_ID}
+nap_event() {  # a journal line like the local agent's: 2025-01-01T00:00:00.000Z nap: text
+    local TZ=UTC0 ms=${EPOCHREALTIME#*.}
+    printf '%(%Y-%m-%dT%H:%M:%S)T.%sZ nap: %s\n' "${EPOCHREALTIME%.*}" "${ms:0:3}" "$*"
+}
+nap_nap() {  # sleep $1 seconds without a process (read on a pipe nobody writes)
+    [ -n "$nap_fd" ] || exec {nap_fd}<> <(:)
+    read -t "$1" -u "$nap_fd"
+}
+nap_wait_port() {  # the port the control plane assigns to this job on this node
+    # polls back off to once a second: a thousand tasks polling ten times a second would keep two
+    # cores half busy
+    local file=$nap_run/$nap_job.port n=0 t=0.1
+    until [ -s "$file" ] && read -r PORT NAP_HOST < "$file"; do  # a whole line: written at once
+        nap_nap $t
+        case $t in 0.1) t=0.15 ;; 0.15) t=0.25 ;; 0.25) t=0.4 ;; 0.4) t=0.6 ;; 0.6) t=1 ;; esac
+        n=$((n + 1))
+        if [ $n -eq 60 ]; then
+            nap_event "still no port for job $nap_job on $SLURMD_NODENAME: is the nap agent running?"
+        fi
+    done
+    nap_event "started on $NAP_HOST port $PORT (job $nap_job)"
+}
+nap_exec() {  # clean|keep WORKDIR MEMORY_KB NAME=VALUE... -- ARGV...: runs it, sets nap_code
+    local mode=$1 dir=$2 mem=$3 envs=()
+    shift 3
+    while [ "$1" != -- ]; do envs+=("$1"); shift; done
+    shift
+    nap_signalled=0
+    if ! cd -- "$dir"; then
+        nap_code=200
+        nap_event "could not enter $dir"
+        return
+    fi
+    if [ "$mode" = clean ]; then
+        ( [ "$mem" -gt 0 ] && ulimit -v "$mem"
+          exec env -i PATH="$PATH" HOME="${HOME:-/}" LANG="${LANG:-C.UTF-8}" "${envs[@]}" "$@" ) &
+    else
+        ( [ "$mem" -gt 0 ] && ulimit -v "$mem"; exec env "${envs[@]}" "$@" ) &
+    fi
+    nap_pid=$!
+    printf '%s\n' "$nap_pid" > "$nap_run/$nap_job.started"  # the instance runs from now on
+    # Slurm's TERM (scancel, a node taken down, a time limit) reaches the program too; remember it.
+    trap 'nap_signalled=1; kill -TERM $nap_pid 2>/dev/null' TERM INT HUP
+    wait $nap_pid
+    nap_code=$?
+    while kill -0 $nap_pid 2>/dev/null; do wait $nap_pid; nap_code=$?; done
+}
+nap_end() {  # record how it ended, for after Slurm has forgotten the job
+    printf '%s %s\n' "$nap_code" "$nap_signalled" > "$nap_run/$nap_job.exit"
+    if [ "$nap_signalled" = 1 ]; then
+        nap_event "exited with code $nap_code (signalled by Slurm)"
+    else
+        nap_event "exited with code $nap_code"
+    fi
+    exit "$nap_code"
+}
+"""
+
+
+def bash_word(word: str, env: dict[str, str]) -> str:
+    """One argv word (with reference markers) as one bash word."""
+    parts = word.split(units.MARK)
+    out = []
+    for i, part in enumerate(parts):
+        if i % 2 == 0:
+            if part:
+                out.append(shlex.quote(part))
+        elif part in units.PLATFORM_VARS:
+            out.append('"${%s}"' % part)
+        else:
+            out.append(shlex.quote(env.get(part, "")))
+    return "".join(out) or "''"
+
+
+def memory_kib(unit: units.Unit) -> int:
+    return -(-unit.memory_max // 1024) if unit.memory_max else 0
+
+
+def memory_mib(unit: units.Unit) -> int | None:
+    """``--mem`` (MiB, rounded up) for a unit's ``MemoryMax``."""
+    return -(-unit.memory_max // (1024 * 1024)) if unit.memory_max else None
+
+
+def exec_line(unit: units.Unit, mode: str, extra_env: Sequence[str] = (), memory: bool = True) -> str:
+    """``nap_exec`` of the unit: its folder, memory, environment and argv."""
+    env = [shlex.quote(f"{k}={v}") for k, v in unit.env.items() if k not in units.PLATFORM_VARS]
+    words = [bash_word(w, unit.env) for w in unit.argv]
+    mem = memory_kib(unit) if memory else 0
+    return " ".join(["nap_exec", mode, shlex.quote(unit.workdir), str(mem), *env, *extra_env, "--", *words])
+
+
+def header(options: list[str]) -> str:
+    return "\n".join(f"#SBATCH {opt}" for opt in options)
+
+
+def task_line(unit: units.Unit) -> str:
+    """What a common instance's array task runs once it has its port: the ``nap_exec`` of its unit (the
+    content of its task file, ``<tasks>/<instance>.sh``)."""
+    return exec_line(unit, "clean", ['"PORT=${PORT}"', '"NAP_HOST=${NAP_HOST}"']) + "\n"
+
+
+def array_script(run_dir: str, tasks_dir: str, base: str, offset: int, count: int, options: list[str]) -> str:
+    """An array job's script: task ``t`` runs instance ``<base>@<t + offset>`` by sourcing its task file.
+    The script stays the same few lines for any number of tasks: Slurm ships it to the node with every
+    task and bash parses it there, and a script with a branch per task (250 of them) made a launch of
+    1,000 tasks 30% slower here."""
+    task_file = f"{shlex.quote(tasks_dir)}/{shlex.quote(base)}@$((SLURM_ARRAY_TASK_ID + {offset})).sh"
+    lines = [
+        "#!/bin/bash",
+        header(options),
+        f"# nap-orch: {count} common instance(s), one array task each",
+        f"nap_run={shlex.quote(run_dir)}",
+        PRELUDE,
+        f"nap_unit={task_file}",
+        'if [ ! -r "$nap_unit" ]; then nap_event "no unit for array task $SLURM_ARRAY_TASK_ID ($nap_unit)"; exit 1; fi',
+        "nap_wait_port",
+        '. "$nap_unit"',
+        "nap_end",
+        "",
+    ]
+    return "\n".join(lines)
+
+
+def slave_step(slaves: list[units.Unit], journals: list[str]) -> str:
+    """What each task of the slaves' step runs: slave ``SLURM_PROCID + 1``'s unit, into its own journal."""
+    lines = ['case "$SLURM_PROCID" in']
+    for i, (unit, journal) in enumerate(zip(slaves, journals)):
+        env = [shlex.quote(f"{k}={v}") for k, v in unit.env.items()]
+        words = [bash_word(w, unit.env) for w in unit.argv]
+        lines.append(
+            f"{i}) exec >> {shlex.quote(journal)} 2>&1; "
+            f'printf "%s nap: %s\\n" "$(date -u +%Y-%m-%dT%H:%M:%S.%3NZ)" "started on $SLURMD_NODENAME (job $SLURM_JOB_ID)"; '
+            f"cd {shlex.quote(unit.workdir)} && exec env {' '.join(env)} {' '.join(words)} ;;"
+        )
+    lines += ["esac"]
+    return "\n".join(lines)
+
+
+def mpi_script(
+    run_dir: str,
+    master: units.Unit,
+    slaves: list[units.Unit],
+    slave_journals: list[str],
+    options: list[str],
+    slave_srun: list[str],
+    launch: list[str],
+    mpi_env: dict[str, str],
+) -> str:
+    """An MPI run's script: the slaves' step in the background, the master (which launches the ranks
+    with ``launch`` + the program), then the slaves' step is waited for."""
+    exports = [f"export {k}={shlex.quote(v)}" for k, v in mpi_env.items()]
+    launch_env = shlex.quote("NAP_MPI_LAUNCH=" + json.dumps(launch))
+    lines = [
+        "#!/bin/bash",
+        header(options),
+        f"# nap-orch: MPI run {master.name}: a master and {len(slaves)} slave(s)",
+        f"nap_run={shlex.quote(run_dir)}",
+        PRELUDE,
+        *exports,
+        'nap_event "job $SLURM_JOB_ID: master on $SLURMD_NODENAME, slaves on '
+        '${SLURM_JOB_NODELIST_HET_GROUP_1:-$SLURM_JOB_NODELIST}"',
+        f"nap_slave={shlex.quote(slave_step(slaves, slave_journals))}",
+        " ".join(shlex.quote(w) for w in slave_srun) + ' bash -c "$nap_slave" &',
+        "nap_slaves=$!",
+        exec_line(master, "keep", [launch_env], memory=False),
+        # the slaves leave when the run's record says it ended; don't wait for ever if one can't
+        "for i in $(seq 100); do kill -0 $nap_slaves 2>/dev/null || break; nap_nap 0.1; done",
+        "kill -TERM $nap_slaves 2>/dev/null",
+        "nap_end",
+        "",
+    ]
+    return "\n".join(lines)
+
+
+def ranges(numbers: list[int]) -> str:
+    """``1-3,7,9-10`` for [1, 2, 3, 7, 9, 10] (sbatch's --array)."""
+    out, nums = [], sorted(set(numbers))
+    i = 0
+    while i < len(nums):
+        j = i
+        while j + 1 < len(nums) and nums[j + 1] == nums[j] + 1:
+            j += 1
+        out.append(str(nums[i]) if i == j else f"{nums[i]}-{nums[j]}")
+        i = j + 1
+    return ",".join(out)

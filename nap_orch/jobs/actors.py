@@ -1,0 +1,43 @@
+"""The dramatiq actors: a few lines each; the work is the domain code in ``nap_orch.ops``.
+
+Importing this module sets up the broker from the environment's settings (dramatiq's workers import
+it through ``workers``: ``nap worker`` or ``dramatiq workers``).
+"""
+
+from __future__ import annotations
+
+import dramatiq
+
+from ..config import Settings
+from ..ops.deploy import deploy_app
+from ..ops.instances.common import start_common as start_common_app
+from ..ops.instances.mpi import start_mpi as start_mpi_app
+from .broker import POLICIES, actor_options, setup
+from .runner import Runtime, run_job
+
+settings = Settings.from_env()
+broker = setup(settings)
+_runtime: Runtime | None = None
+
+
+def runtime() -> Runtime:
+    """One Runtime per worker process, created on the worker's event loop."""
+    global _runtime
+    if _runtime is None:
+        _runtime = Runtime(settings)
+    return _runtime
+
+
+@dramatiq.actor(**actor_options("deploy"))
+async def deploy(job_id: str) -> None:
+    await run_job(runtime(), job_id, deploy_app, POLICIES["deploy"].max_attempts)
+
+
+@dramatiq.actor(**actor_options("start_common"))
+async def start_common(job_id: str) -> None:
+    await run_job(runtime(), job_id, start_common_app, POLICIES["start_common"].max_attempts)
+
+
+@dramatiq.actor(**actor_options("start_mpi"))
+async def start_mpi(job_id: str) -> None:
+    await run_job(runtime(), job_id, start_mpi_app, POLICIES["start_mpi"].max_attempts)

@@ -1,0 +1,234 @@
+"""Job records and their event streams, kept in Redis (dramatiq itself has neither).
+
+A job's record is a Redis hash; its events are a Redis stream (replayable from any id, then followed
+live); each event is also appended to its user's stream. States only move forward:
+queued -> running -> succeeded | failed | cancelled (running -> queued again when a retry is due).
+"""
+
+from __future__ import annotations
+
+import enum
+import json
+import time
+import uuid
+from collections.abc import AsyncIterator
+from dataclasses import asdict, dataclass, field
+from typing import Any
+
+import redis.asyncio as aioredis
+
+from ..errors import Conflict, NotFound
+from ..keys import RedisKeys
+
+STREAM_MAXLEN = 10_000  # events kept per job / per user stream (approximate trim)
+
+
+class JobState(enum.StrEnum):
+    QUEUED = "queued"
+    RUNNING = "running"
+    SUCCEEDED = "succeeded"
+    FAILED = "failed"
+    CANCELLED = "cancelled"
+
+    @property
+    def terminal(self) -> bool:
+        return self in (JobState.SUCCEEDED, JobState.FAILED, JobState.CANCELLED)
+
+
+TERMINAL = {s.value for s in JobState if s.terminal}
+
+
+@dataclass
+class Job:
+    id: str
+    kind: str
+    user: str
+    args: dict
+    state: str = JobState.QUEUED.value
+    created: float = field(default_factory=time.time)
+    started: float | None = None
+    finished: float | None = None
+    attempts: int = 0
+    error: str | None = None
+    result: dict | None = None
+    cancel_requested: bool = False
+
+    def to_json(self) -> dict:
+        return asdict(self)
+
+    def to_hash(self) -> dict[str, str]:
+        return {k: json.dumps(v) for k, v in asdict(self).items()}
+
+    @classmethod
+    def from_hash(cls, h: dict) -> Job:
+        data = {(k.decode() if isinstance(k, bytes) else k): json.loads(v) for k, v in h.items()}
+        return cls(**{k: v for k, v in data.items() if k in cls.__dataclass_fields__})
+
+
+# Moves a job to a new state only from the allowed ones and appends the state event to the job's and
+# the user's streams, atomically (a reader that sees the final state also finds its event); returns
+# the old state or nil. ARGV: allowed states (JSON), maxlen, event fields (JSON), then field/value pairs.
+_TRANSITION = """
+local cur = redis.call('HGET', KEYS[1], 'state')
+if not cur then return false end
+local allowed = cjson.decode(ARGV[1])
+for _, s in ipairs(allowed) do
+  if cjson.encode(s) == cur then
+    for i = 4, #ARGV, 2 do redis.call('HSET', KEYS[1], ARGV[i], ARGV[i+1]) end
+    local ev = cjson.decode(ARGV[3])
+    local fields = {'type', ev.type, 'job', ev.job, 'kind', ev.kind, 't', ev.t, 'data', ev.data}
+    redis.call('XADD', KEYS[2], 'MAXLEN', '~', ARGV[2], '*', unpack(fields))
+    redis.call('XADD', KEYS[3], 'MAXLEN', '~', ARGV[2], '*', unpack(fields))
+    return cur
+  end
+end
+return false
+"""
+
+
+class JobStore:
+    """Records and events of jobs. One per process; ``redis`` is a ``redis.asyncio.Redis``."""
+
+    def __init__(self, redis: aioredis.Redis, namespace: str = "nap"):
+        # Any: redis-py annotates replies as ``bytes | str``; without decode_responses they are bytes.
+        self.redis: Any = redis
+        self.keys = RedisKeys(namespace)
+        self._transition = redis.register_script(_TRANSITION)
+
+    @classmethod
+    def from_url(cls, url: str, namespace: str = "nap") -> JobStore:
+        # Blocking reads of event streams wait at most BLOCK_MS, well under the socket timeout.
+        return cls(aioredis.Redis.from_url(url, socket_timeout=30, socket_connect_timeout=10), namespace)
+
+    async def close(self) -> None:
+        await self.redis.aclose()
+
+    # -- records ---------------------------------------------------------------------------------
+    async def create(self, kind: str, user: str, args: dict) -> Job:
+        job = Job(id=uuid.uuid4().hex[:16], kind=kind, user=user, args=args)
+        async with self.redis.pipeline(transaction=True) as p:
+            p.hset(self.keys.job(job.id), mapping=job.to_hash())
+            p.zadd(self.keys.user_jobs(user), {job.id: job.created})
+            await p.execute()
+        await self.emit(job, "state", {"state": job.state, "kind": kind, "args": args})
+        return job
+
+    async def get(self, job_id: str, user: str | None = None) -> Job:
+        """The job; NotFound when it does not exist or belongs to another user than ``user``."""
+        h = await self.redis.hgetall(self.keys.job(job_id)) if _safe_id(job_id) else {}
+        if not h:
+            raise NotFound(f"no job {job_id!r}")
+        job = Job.from_hash(h)
+        if user is not None and job.user != user:
+            raise NotFound(f"no job {job_id!r}")
+        return job
+
+    async def list(self, user: str, state: str | None = None, limit: int = 100) -> list[Job]:
+        ids = await self.redis.zrevrange(self.keys.user_jobs(user), 0, -1 if state else limit - 1)
+        if not ids:
+            return []
+        async with self.redis.pipeline(transaction=False) as p:
+            for i in ids:
+                p.hgetall(self.keys.job(i.decode()))
+            rows = await p.execute()
+        jobs = [Job.from_hash(h) for h in rows if h]
+        if state:
+            jobs = [j for j in jobs if j.state == state][:limit]
+        return jobs
+
+    async def transition(self, job: Job, to: JobState, allowed: set[JobState], **fields) -> bool:
+        """Move ``job`` to state ``to`` if it is now in one of ``allowed``; set ``fields`` too."""
+        updates = {"state": to.value, **fields}
+        if to.terminal:
+            updates.setdefault("finished", time.time())
+        data = {"state": to.value}
+        for k in ("error", "result", "attempts"):
+            if k in fields:
+                data[k] = fields[k]
+        argv: list[Any] = [
+            json.dumps([s.value for s in allowed]),
+            STREAM_MAXLEN,
+            json.dumps(self._event(job, "state", data)),
+        ]
+        for k, v in updates.items():
+            argv += [k, json.dumps(v)]
+        keys = [self.keys.job(job.id), self.keys.job_events(job.id), self.keys.user_events(job.user)]
+        if not await self._transition(keys=keys, args=argv):
+            return False
+        for k, v in updates.items():
+            setattr(job, k, v)
+        return True
+
+    async def start_attempt(self, job: Job) -> bool:
+        """Count an attempt and mark the job running; False if it was cancelled or already ended."""
+        attempts = await self.redis.hincrby(self.keys.job(job.id), "attempts", 1)
+        ok = await self.transition(
+            job,
+            JobState.RUNNING,
+            {JobState.QUEUED, JobState.RUNNING},  # RUNNING: a worker died mid-job and this is its redelivery
+            started=time.time(),
+            attempts=attempts,
+        )
+        return ok
+
+    async def request_cancel(self, job: Job) -> Job:
+        """Cancel a queued job now; ask a running job to stop at its next step boundary."""
+        if JobState(job.state).terminal:
+            raise Conflict(f"job {job.id} has already ended ({job.state})")
+        await self.redis.hset(self.keys.job(job.id), "cancel_requested", "true")
+        job.cancel_requested = True
+        if await self.transition(job, JobState.CANCELLED, {JobState.QUEUED}, error="cancelled before it started"):
+            return job
+        await self.emit(job, "log", {"line": "cancel requested: stopping at the next step"})
+        return await self.get(job.id)
+
+    async def cancel_requested(self, job_id: str) -> bool:
+        return (await self.redis.hget(self.keys.job(job_id), "cancel_requested")) == b"true"
+
+    # -- events ----------------------------------------------------------------------------------
+    async def emit(self, job: Job, type_: str, data: dict) -> None:
+        """Append an event to the job's stream and to its user's stream."""
+        fields = self._event(job, type_, data)
+        async with self.redis.pipeline(transaction=False) as p:
+            p.xadd(self.keys.job_events(job.id), fields, maxlen=STREAM_MAXLEN, approximate=True)
+            p.xadd(self.keys.user_events(job.user), fields, maxlen=STREAM_MAXLEN, approximate=True)
+            await p.execute()
+
+    @staticmethod
+    def _event(job: Job, type_: str, data: dict) -> dict[str, str]:
+        return {"type": type_, "job": job.id, "kind": job.kind, "t": repr(time.time()), "data": json.dumps(data)}
+
+    async def events(
+        self,
+        stream: str,
+        last_id: str = "0-0",
+        follow: bool = True,
+        until_job_ends: str | None = None,
+        block_ms: int = 2000,
+    ) -> AsyncIterator[dict]:
+        """Events of a stream after ``last_id``, then live. With ``until_job_ends`` (a job id) it stops
+        after that job's terminal state event."""
+        last = last_id or "0-0"
+        while True:
+            if until_job_ends:
+                # A job that ended before we subscribed: replay what is there and stop.
+                state = await self.redis.hget(self.keys.job(until_job_ends), "state")
+                ended = state is not None and json.loads(state) in TERMINAL
+            else:
+                ended = False
+            resp = await self.redis.xread({stream: last}, count=500, block=None if ended or not follow else block_ms)
+            batch = resp[0][1] if resp else []
+            for eid, f in batch:
+                last = eid.decode()
+                ev = {k.decode(): v.decode() for k, v in f.items()}
+                ev["id"] = last
+                ev["data"] = json.loads(ev["data"])
+                yield ev
+                if until_job_ends and ev["type"] == "state" and ev["data"].get("state") in TERMINAL:
+                    return
+            if not batch and (ended or not follow):
+                return
+
+
+def _safe_id(job_id: str) -> bool:
+    return isinstance(job_id, str) and 0 < len(job_id) <= 64 and job_id.isalnum()

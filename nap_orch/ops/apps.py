@@ -1,0 +1,90 @@
+"""Deployed apps on disk: where they live, listing them, reading their spec.
+
+``NAP_HOME/services/<user>/<user>_<app>`` is a symlink to a version folder in
+``NAP_HOME/services/<user>/.versions/``: a redeploy swaps the link with one rename, so no reader ever
+sees a half-written app. Hidden folders (``.versions``, ``.staging``) never show as apps.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+from pathlib import Path
+
+from .. import keys
+from ..config import Settings
+from ..errors import NotFound
+from ..names import NAME_RE
+from ..store.base import Store
+from . import profile
+
+
+def user_dir(settings: Settings, user: str) -> Path:
+    return settings.services_dir / user
+
+
+def app_path(settings: Settings, user: str, app: str) -> Path:
+    return user_dir(settings, user) / f"{user}_{app}"
+
+
+def versions_dir(settings: Settings, user: str) -> Path:
+    return user_dir(settings, user) / ".versions"
+
+
+def staging_dir(settings: Settings, user: str) -> Path:
+    return user_dir(settings, user) / ".staging"
+
+
+def list_apps(settings: Settings, user: str) -> list[str]:
+    d = user_dir(settings, user)
+    if not d.is_dir():
+        return []
+    prefix = f"{user}_"
+    names = []
+    for entry in d.iterdir():
+        n = entry.name
+        if n.startswith(prefix) and NAME_RE.fullmatch(n[len(prefix) :]) and entry.is_dir():
+            names.append(n[len(prefix) :])
+    return sorted(names)
+
+
+def require_app(settings: Settings, user: str, app: str) -> Path:
+    path = app_path(settings, user, app)
+    if not path.is_dir():
+        raise NotFound(f"app {app!r} is not deployed")
+    return path
+
+
+def spec(settings: Settings, user: str, app: str) -> profile.AppSpec:
+    return profile.load(require_app(settings, user, app))
+
+
+async def url(store: Store, user: str, app: str) -> str | None:
+    return await store.get(keys.URL.format(user=user, app=app))
+
+
+def publish(settings: Settings, user: str, app: str, staged: Path, version: str) -> None:
+    """Make ``staged`` the app's folder atomically and remove the versions it replaced."""
+    vdir = versions_dir(settings, user)
+    vdir.mkdir(parents=True, exist_ok=True)
+    target = vdir / f"{app}-{version}"
+    if target.exists():
+        shutil.rmtree(target)
+    os.rename(staged, target)
+    link = app_path(settings, user, app)
+    tmp_link = link.with_name(f".{link.name}.{version}.link")
+    if tmp_link.is_symlink():
+        tmp_link.unlink()
+    os.symlink(os.path.relpath(target, link.parent), tmp_link)
+    os.replace(tmp_link, link)  # the atomic swap
+    prune_versions(settings, user, app)
+
+
+def prune_versions(settings: Settings, user: str, app: str) -> None:
+    """Remove every version folder of the app but the one its link points to."""
+    vdir = versions_dir(settings, user)
+    link = app_path(settings, user, app)
+    current = os.path.realpath(link) if link.is_symlink() else None
+    for old in vdir.glob(f"{app}-*"):
+        if str(old.resolve()) != current:
+            shutil.rmtree(old, ignore_errors=True)

@@ -1,0 +1,236 @@
+"""start_common: reserve numbers and ports, copy, render, submit, publish ports; undo all of it when
+the launch fails or is cancelled."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import shutil
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from ... import keys, units
+from ...config import Settings
+from ...engines.base import RUNNING, InstanceStatus, UnitSpec
+from ...engines.ports import Ports, bindable
+from ...errors import AppError, BadRequest, Exhausted
+from ...store.base import Store
+from .. import apps, profile
+from ..context import Context
+from .launch import instance_dir, reserve_numbers, wait_settled, write_copy
+
+SUBMIT_BATCH = 250  # units per engine call: progress stays visible, requests stay small
+
+
+@dataclass
+class Slot:
+    """One instance being launched."""
+
+    n: int
+    name: str
+    port: int | None = None
+    unit: UnitSpec | None = None
+
+
+def command_words(spec: profile.AppSpec, values: dict[str, str], platform: dict[str, str]) -> list[str]:
+    """The profile's command as argv: split first, then substitute inside each word, so a value is
+    always data within one word. ``{port}``/``{host}`` become the unit's ``${PORT}``/``${NAP_HOST}``."""
+    fill = {**values, **platform, "port": units.PORT_REF, "host": units.HOST_REF}
+    return [profile.substitute(w, fill) for w in profile.split_command(spec.command or "")]
+
+
+def render_unit(
+    settings: Settings,
+    spec: profile.AppSpec,
+    slot: Slot,
+    folder: Path,
+    values: dict[str, str],
+    user: str,
+    app: str,
+    host: str | None,
+) -> UnitSpec:
+    platform = {"instance": str(slot.n), "user": user, "app": app}
+    env = {"NAP_USER": user, "NAP_APP": app, "NAP_INSTANCE": str(slot.n)}
+    if slot.port is not None:
+        env["PORT"] = str(slot.port)
+    if host is not None:
+        env["NAP_HOST"] = host
+    unit = units.Unit(
+        name=slot.name,
+        description=f"nap app {user}_{app} instance {slot.n}",
+        argv=command_words(spec, values, platform),
+        workdir=str(folder),
+        env=env,
+        memory_max=spec.memory,
+        restart="on-failure",
+        restart_limit=settings.restart_limit,
+        stop_timeout=settings.stop_timeout,
+    )
+    try:
+        return UnitSpec(slot.name, units.render(unit))
+    except ValueError as e:
+        raise AppError(f"cannot render the unit of {slot.name}: {e}") from None
+
+
+async def start_common(
+    ctx: Context, user: str, app: str, params: dict[str, Any], count: int | None = None
+) -> dict[str, Any]:
+    settings, store, engine = ctx.settings, ctx.store, ctx.engine
+    t0 = time.monotonic()
+    src = apps.require_app(settings, user, app)
+    spec = apps.spec(settings, user, app)
+    if spec.kind != "common":
+        raise AppError(f"app {app!r} is an MPI app: use start_mpi")
+    profile.validate(spec)
+    values = profile.check_values(params, spec.parameters)
+    absent = profile.missing(values, spec.parameters)
+    if absent:
+        raise BadRequest(f"missing parameter(s): {', '.join(absent)}")
+    count = count or spec.scale or 1
+    if not 1 <= count <= settings.max_count:
+        raise BadRequest(f"count must be from 1 to {settings.max_count}")
+    owner = ctx.job_id
+    host = engine.host_for_ports()
+    await ctx.log(f"starting {count} instance(s) of {user}_{app} on the {engine.name} engine")
+    if host is None:  # ports are reserved once the hosts are known: can they all get one?
+        await engine.check_room(count)
+
+    numbers = await reserve_numbers(store, settings, user, app, count, owner)
+    slots = [Slot(n, f"{user}_{app}_common@{n}") for n in numbers]
+    submitted: list[str] = []
+    ports: dict[str, int] = {}
+    try:
+        if host is not None:
+            ports = await reserve_ports(Ports(store, settings.port_range), host, [s.name for s in slots])
+            for s in slots:
+                s.port = ports[s.name]
+            # The instance's record keeps its port: start_app brings it back on the same one.
+            await store.put_many(
+                {
+                    keys.INSTANCE.format(user=user, app=app, n=s.n): json.dumps(
+                        {"job": owner, "host": host, "port": s.port}
+                    )
+                    for s in slots
+                }
+            )
+        await ctx.log(
+            f"reserved instance numbers {numbers[0]}..{numbers[-1]}" + (f" and ports on {host}" if host else "")
+        )
+        await ctx.check()
+
+        def prepare(chunk: list[Slot]) -> list[UnitSpec]:
+            out = []
+            for s in chunk:
+                folder = instance_dir(settings, user, app, s.n)
+                # Where the port and host are known only once the instance runs, the copy gets the units'
+                # markers for them (no value can hold one) and the engine fills them in then.
+                write_copy(
+                    src,
+                    folder,
+                    spec,
+                    {
+                        **values,
+                        "instance": str(s.n),
+                        "user": user,
+                        "app": app,
+                        "port": str(s.port) if s.port else units.PORT_REF,
+                        "host": host or units.HOST_REF,
+                    },
+                )
+                out.append(render_unit(settings, spec, s, folder, values, user, app, host))
+            return out
+
+        for i in range(0, len(slots), SUBMIT_BATCH):
+            chunk = slots[i : i + SUBMIT_BATCH]
+            specs = await asyncio.to_thread(prepare, chunk)
+            await ctx.check()
+            await engine.submit(specs)
+            submitted += [s.name for s in specs]
+            await ctx.log(f"submitted {len(submitted)}/{len(slots)} unit(s)")
+            await ctx.progress(len(submitted), len(slots) * 2, phase="submitted")
+        states = await wait_settled(ctx, [s.name for s in slots], len(slots))
+    except BaseException as e:  # a failure, a cancel or a worker shutdown: leave nothing half-started
+        await ctx.log(f"rolling back: {getattr(e, 'message', None) or type(e).__name__}")
+        await rollback(ctx, user, app, slots, submitted, host, ports)
+        raise
+    running = [s for s in slots if states[s.name].state == RUNNING]
+    failed = [s for s in slots if states[s.name].state != RUNNING]
+    if host is None:  # the engine reserved and published the ports on the hosts the instances run on
+        published = await store.get_prefix(keys.PORTS_OF_APP.format(user=user, app=app))
+        for s in running:
+            raw = published.get(keys.PORT.format(user=user, app=app, n=s.n))
+            s.port = json.loads(raw)["port"] if raw else None
+    else:
+        await publish_ports(store, user, app, running, states, host)
+    seconds = round(time.monotonic() - t0, 3)
+    await ctx.log(f"{len(running)} running, {len(failed)} not running, in {seconds} s")
+    result = {
+        "app": app,
+        "count": count,
+        "running": len(running),
+        "failed": len(failed),
+        "seconds": seconds,
+        "instances": [
+            {
+                "name": s.name,
+                "n": s.n,
+                "host": states[s.name].host or host,
+                "port": s.port,
+                "state": states[s.name].state,
+                "exit_code": states[s.name].exit_code,
+            }
+            for s in slots
+        ],
+    }
+    if not running:
+        codes = sorted({str(states[s.name].exit_code) for s in failed})
+        raise AppError(
+            f"none of the {count} instance(s) is running (exit code {', '.join(codes)}); see get_journal of {slots[0].name}"
+        )
+    return result
+
+
+async def reserve_ports(ports: Ports, host: str, names: list[str]) -> dict[str, int]:
+    """A port on ``host`` (free on this machine right now) for each instance, or ``Exhausted`` with
+    nothing reserved."""
+    got = await ports.reserve(host, names, usable=bindable(host))
+    if got.missing:
+        await ports.release(host, got.fresh.values())
+        lo, hi = ports.range
+        raise Exhausted(f"port range {lo}-{hi} on host {host} is exhausted ({len(got.missing)} more port(s) needed)")
+    return got.ports
+
+
+async def publish_ports(
+    store: Store, user: str, app: str, slots: list[Slot], states: dict[str, InstanceStatus], host: str | None
+) -> None:
+    items = {}
+    for s in slots:
+        h = states[s.name].host or host
+        if s.port is not None:
+            items[keys.PORT.format(user=user, app=app, n=s.n)] = json.dumps({"host": h, "port": s.port})
+    for i in range(0, len(items), 500):
+        await store.put_many(dict(list(items.items())[i : i + 500]))
+
+
+async def rollback(
+    ctx: Context, user: str, app: str, slots: list[Slot], submitted: list[str], host: str | None, ports: dict[str, int]
+) -> None:
+    """Undo a launch: remove units, folders, port keys and reservations. Nothing half-started stays."""
+    if submitted:
+        await ctx.engine.remove(submitted)
+    settings = ctx.settings
+
+    def remove_folders() -> None:
+        for s in slots:
+            shutil.rmtree(instance_dir(settings, user, app, s.n), ignore_errors=True)
+
+    await asyncio.to_thread(remove_folders)
+    await ctx.store.delete_many(
+        [keys.PORT.format(user=user, app=app, n=s.n) for s in slots]
+        + [keys.INSTANCE.format(user=user, app=app, n=s.n) for s in slots]
+    )
+    if host is not None and ports:
+        await Ports(ctx.store, settings.port_range).release(host, ports.values())

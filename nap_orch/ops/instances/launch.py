@@ -1,0 +1,96 @@
+"""What launching instances takes, common or MPI: reserved instance numbers, the instance's own folder
+(a copy of the app with its parameters substituted), and waiting for the engine to settle them.
+
+Reservations live in the state store and are created atomically, so concurrent and bulk launches never
+share an instance number: ``/nap/instances/<user>/<app>/<n>`` (value: ``{"job": <the launching job>}``,
+plus the port where it is known). A number is held while its folder or unit exists. Ports are the
+engines' port allocator's (``engines.ports``).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import shutil
+import time
+from pathlib import Path
+
+from ... import keys
+from ...config import Settings
+from ...engines.base import EXITED, FAILED, RUNNING, STOPPED, InstanceStatus
+from ...store.base import Store
+from .. import profile
+from ..context import Context
+
+SETTLED = {RUNNING, FAILED, EXITED, STOPPED}
+
+
+def instance_dir(settings: Settings, user: str, app: str, n: int | str) -> Path:
+    return settings.apps_dir / user / f"{user}_{app}_{n}"
+
+
+async def reserve_numbers(store: Store, settings: Settings, user: str, app: str, count: int, owner: str) -> list[int]:
+    """Reserve ``count`` fresh instance numbers (a retry of the same job gets its own back)."""
+    taken = await store.get_prefix(keys.INSTANCES_OF_APP.format(user=user, app=app))
+    mine, highest = [], 0
+    for key, value in taken.items():
+        n = int(key.rsplit("/", 1)[1])
+        highest = max(highest, n)
+        if _owner(value) == owner:
+            mine.append(n)
+    folder_root = settings.apps_dir / user
+    if folder_root.is_dir():  # a folder left behind also holds its number
+        for d in folder_root.glob(f"{user}_{app}_*"):
+            tail = d.name[len(f"{user}_{app}_") :]
+            if tail.isdigit():
+                highest = max(highest, int(tail))
+    mine = sorted(mine)[:count]
+    nxt = highest + 1
+    while len(mine) < count:
+        want = list(range(nxt, nxt + count - len(mine)))
+        nxt = want[-1] + 1
+        value = json.dumps({"job": owner})
+        got = await store.create_many([(keys.INSTANCE.format(user=user, app=app, n=n), value) for n in want])
+        mine += [n for n, ok in zip(want, got) if ok]
+    return sorted(mine)
+
+
+def _owner(value: str) -> str | None:
+    try:
+        return json.loads(value).get("job")
+    except (ValueError, AttributeError):
+        return None
+
+
+def write_copy(src: Path, folder: Path, spec: profile.AppSpec, values: dict[str, str]) -> None:
+    """Copy the app into the instance's folder and substitute the parameters in its profile."""
+    if folder.exists():
+        shutil.rmtree(folder)
+    shutil.copytree(src, folder, symlinks=True)
+    (folder / spec.filename).write_text(profile.substitute(spec.text, values))
+
+
+async def wait_settled(ctx: Context, names: list[str], total: int, timeout: float = 120.0) -> dict[str, InstanceStatus]:
+    """Poll the engine until every instance is running or has given up; progress as they come up."""
+    deadline = time.monotonic() + timeout
+    states: dict[str, InstanceStatus] = {}
+    pending = list(names)
+    delay = 0.05
+    while pending:
+        got = await ctx.engine.status(pending)
+        for n in pending:
+            st = got.get(n)
+            if st is not None and st.state in SETTLED:
+                states[n] = st
+        pending = [n for n in pending if n not in states]
+        await ctx.progress(total + len(states), total * 2, phase="running")
+        if not pending:
+            break
+        if time.monotonic() > deadline:
+            for n in pending:
+                states[n] = got.get(n) or InstanceStatus(n, "unknown")
+            break
+        await ctx.check()
+        await asyncio.sleep(delay)
+        delay = min(delay * 1.5, 1.0)
+    return states

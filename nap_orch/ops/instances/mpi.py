@@ -1,0 +1,218 @@
+"""start_mpi: an MPI run as a master unit and one slave unit per host.
+
+A run takes the next instance number ``r`` of its app (so runs never collide, with each other or with
+common instances) and its own folder ``NAP_HOME/apps/<user>/<user>_<app>_<r>``. Units:
+``<user>_<app>_mpi_master@<r>`` and ``<user>_<app>_mpi_slave@<r>-<i>`` (i = 1..hosts). Slaves register
+under ``/services/mpi/<user>/<app>/<r>/slave<i>`` with a lease they keep alive; the master waits for all
+of them, writes the hostfile from what they registered and runs mpirun (``nap_orch.rank``).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import os
+import shutil
+import sys
+from pathlib import Path
+from typing import Any
+
+from ... import keys, units
+from ...config import Settings
+from ...engines.base import UnitSpec
+from ...errors import AppError, BadRequest
+from ...names import InstanceName, Kind
+from .. import apps, profile
+from ..context import Context, Resources
+from .launch import instance_dir, reserve_numbers, wait_settled, write_copy
+
+
+def inside(folder: Path, relative: str, what: str) -> Path:
+    """``folder/relative``, refusing paths that escape the folder."""
+    if not relative or relative.startswith("/"):
+        raise AppError(f"{what}: {relative!r} must be a path inside the app")
+    path = (folder / relative).resolve()
+    if folder.resolve() not in path.parents:
+        raise AppError(f"{what}: {relative!r} escapes the app folder")
+    return path
+
+
+def program_argv(spec: profile.AppSpec, folder: Path, values: dict[str, str]) -> list[str]:
+    """What every rank runs: the built binary (``to:`` plus ``args:``) or ``command:``; parameters are
+    substituted inside each word, so a value stays one argument."""
+    if spec.fields.get("from"):
+        binary = inside(folder, spec.fields.get("to", ""), "to")
+        extra = profile.split_command(spec.fields["args"]) if spec.fields.get("args") else []
+        words = [str(binary)] + extra
+    else:
+        words = profile.split_command(spec.command or "")
+        exe = words[0]
+        if "/" in exe:
+            words[0] = str(inside(folder, exe, "command") if not exe.startswith("/") else Path(exe))
+        else:
+            found = shutil.which(exe)
+            if not found:
+                raise AppError(f"command: {exe!r} is not installed on this host")
+            words[0] = found
+    return [profile.substitute(w, values) for w in words]
+
+
+async def build(ctx: Context, spec: profile.AppSpec, folder: Path) -> None:
+    """Compile ``from:`` into ``to:`` with mpicc, streaming the compiler's output into the job's events."""
+    source = inside(folder, spec.fields["from"], "from")
+    target = inside(folder, spec.fields["to"], "to")
+    if not source.is_file():
+        raise AppError(f"from: {spec.fields['from']!r} does not exist in the app")
+    mpicc = shutil.which(ctx.settings.mpicc)
+    if not mpicc:
+        raise AppError(f"mpicc ({ctx.settings.mpicc}) is not installed on this host: install OpenMPI (libopenmpi-dev)")
+    argv = [mpicc, "-O2", "-o", str(target), str(source)]
+    await ctx.log("building: " + " ".join(argv))
+    proc = await asyncio.create_subprocess_exec(
+        *argv, cwd=folder, stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.STDOUT
+    )
+    output = []
+    assert proc.stdout is not None  # a pipe, asked for above
+    async for raw in proc.stdout:
+        line = raw.decode(errors="replace").rstrip()
+        output.append(line)
+        await ctx.log(f"mpicc: {line}")
+    code = await proc.wait()
+    if code != 0:
+        tail = "\n".join(output[-20:])
+        raise AppError(f"compile error (mpicc exited with {code}):\n{tail}")
+    await ctx.log(f"built {target.relative_to(folder)}")
+
+
+def connection_env(settings: Settings) -> dict[str, str]:
+    """What the master and slave processes need to reach the state store."""
+    env = {
+        "NAP_REDIS_URL": settings.redis_url,
+        "NAP_NAMESPACE": settings.namespace,
+        "NAP_MPI_WAIT_TIMEOUT": str(settings.mpi_wait_timeout),
+        "NAP_MPIRUN": settings.mpirun,
+        "PYTHONUNBUFFERED": "1",
+    }
+    if settings.etcd:
+        env["NAP_ETCD"] = settings.etcd
+    if os.geteuid() == 0:  # OpenMPI refuses root unless told twice
+        env.update(OMPI_ALLOW_RUN_AS_ROOT="1", OMPI_ALLOW_RUN_AS_ROOT_CONFIRM="1")
+    return env
+
+
+def render_run(
+    settings: Settings,
+    user: str,
+    app: str,
+    run: int,
+    hosts: int,
+    folder: Path,
+    argv: list[str],
+    host: str | None,
+    memory: int | None,
+) -> list[UnitSpec]:
+    env = connection_env(settings)
+    if host is not None:
+        env["NAP_HOST"] = host
+    common = ["--user", user, "--app", app, "--run", str(run), "--hosts", str(hosts)]
+    specs = []
+    master = InstanceName(user, app, Kind.MPI_MASTER, str(run))
+    specs.append(
+        units.Unit(
+            name=master.name,
+            description=f"nap MPI app {user}_{app} run {run}: master",
+            argv=[sys.executable, "-m", "nap_orch.rank", "master", *common, "--", *argv],
+            workdir=str(folder),
+            env=env,
+            memory_max=memory,
+            restart="no",
+            stop_timeout=settings.stop_timeout,
+        )
+    )
+    for i in range(1, hosts + 1):
+        slave = InstanceName(user, app, Kind.MPI_SLAVE, f"{run}-{i}")
+        specs.append(
+            units.Unit(
+                name=slave.name,
+                description=f"nap MPI app {user}_{app} run {run}: slave {i}",
+                argv=[sys.executable, "-m", "nap_orch.rank", "slave", *common, "--index", str(i)],
+                workdir=str(folder),
+                env=env,
+                restart="no",
+                stop_timeout=settings.stop_timeout,
+            )
+        )
+    try:
+        return [UnitSpec(u.name, units.render(u)) for u in specs]
+    except ValueError as e:
+        raise AppError(f"cannot render the run's units: {e}") from None
+
+
+async def start_mpi(ctx: Context, user: str, app: str, params: dict[str, Any]) -> dict[str, Any]:
+    settings, store, engine = ctx.settings, ctx.store, ctx.engine
+    src = apps.require_app(settings, user, app)
+    spec = apps.spec(settings, user, app)
+    if spec.kind != "mpi":
+        raise AppError(f"app {app!r} has no mpi.xml: use start_common")
+    profile.validate(spec)
+    hosts = spec.hosts
+    if hosts > settings.max_mpi_hosts:
+        raise AppError(f"hosts: {hosts} is above this server's maximum of {settings.max_mpi_hosts}")
+    values = profile.check_values(params, spec.parameters)
+    absent = profile.missing(values, spec.parameters)
+    if absent:
+        raise BadRequest(f"missing parameter(s): {', '.join(absent)}")
+    [run] = await reserve_numbers(store, settings, user, app, 1, ctx.job_id)
+    folder = instance_dir(settings, user, app, run)
+    fill = {**values, "instance": str(run), "user": user, "app": app}
+    names: list[str] = []
+    await ctx.log(f"MPI run {run} of {user}_{app}: 1 master + {hosts} slave(s), {hosts + 1} ranks")
+    try:
+        await asyncio.to_thread(write_copy, src, folder, spec, fill)
+        argv = program_argv(spec, folder, fill)
+        if spec.fields.get("from"):
+            await build(ctx, spec, folder)
+        await ctx.check()
+        specs = render_run(settings, user, app, run, hosts, folder, argv, engine.host_for_ports(), spec.memory)
+        await store.put(
+            keys.MPI_RUN.format(user=user, app=app, run=run), json.dumps({"state": "starting", "hosts": hosts})
+        )
+        await engine.submit(specs)
+        names = [s.name for s in specs]
+        states = await wait_settled(ctx, names, len(names))
+    except BaseException as e:
+        await ctx.log(f"rolling back run {run}: {getattr(e, 'message', None) or type(e).__name__}")
+        if names:
+            await engine.remove(names)
+        await asyncio.to_thread(shutil.rmtree, folder, True)
+        await store.delete_many(
+            [keys.INSTANCE.format(user=user, app=app, n=run), keys.MPI_RUN.format(user=user, app=app, run=run)]
+        )
+        await store.delete_prefix(keys.MPI.format(user=user, app=app, run=run))
+        raise
+    return {
+        "app": app,
+        "run": run,
+        "master": names[0],
+        "slaves": names[1:],
+        "ranks": hosts + 1,
+        "folder": str(folder),
+        "instances": [{"name": n, "state": states[n].state, "host": states[n].host} for n in names],
+    }
+
+
+async def stop_run(rt: Resources, inst: InstanceName) -> dict[str, Any]:
+    """stop_app of a master (or a slave) stops the whole run."""
+    run = inst.number
+    members = [
+        s for s in await rt.engine.instances(f"{inst.user}_{inst.app}_mpi_") if InstanceName.parse(s.name).number == run
+    ]
+    master = next((s for s in members if "_mpi_master@" in s.name), None)
+    order = ([master] if master else []) + [s for s in members if s is not master]
+    result = None
+    for s in order:
+        st = await rt.engine.stop(s.name)
+        if s.name == inst.name:
+            result = st
+    await rt.store.delete_prefix(keys.MPI.format(user=inst.user, app=inst.app, run=run))
+    return (result or order[0]).to_json() if order else {"name": inst.name, "state": "stopped"}

@@ -1,0 +1,156 @@
+"""Job records, their event streams, cancellation and a worker dying mid-job."""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import subprocess
+import time
+from pathlib import Path
+
+import pytest
+
+from nap_orch.cli.client import ApiError
+from nap_orch.store.etcd import EtcdStore
+from tests.support.apps import web_app, write_app
+from tests.support.flows import deploy, publish, run_cli, wait_state
+
+
+def big_app(tmp_path, file_server):
+    """An archive that the test server trickles out over about 4 s."""
+    src = write_app(tmp_path / "slow", {"profile": "command: /bin/sleep 1000\n", "blob": os.urandom(300_000).hex()})
+    return publish(file_server, src, "tgz").replace(file_server.url, file_server.url + "/slow") + "?seconds=4"
+
+
+def test_job_record_and_event_stream(stack, user, file_server, tmp_path):
+    _, client = user
+    url = publish(file_server, web_app(tmp_path / "src"), "tgz")
+    job = deploy(stack, client, "web", url)
+    assert job["kind"] == "deploy" and job["args"]["url"] == url
+    assert job["created"] <= job["started"] <= job["finished"]
+    events = list(client.events(f"/v1/jobs/{job['id']}/events"))
+    states = [e["data"]["state"] for e in events if e["event"] == "state"]
+    assert states == ["queued", "running", "succeeded"]
+    lines = [e["data"]["line"] for e in events if e["event"] == "log"]
+    assert any("downloading" in line for line in lines), lines
+    assert any("extracted" in line for line in lines), lines
+    assert any("/services/url/" in line for line in lines), lines
+    # Replay from the middle with Last-Event-ID: exactly the events after it.
+    middle = events[len(events) // 2]["id"]
+    rest = list(client.events(f"/v1/jobs/{job['id']}/events", last_id=middle))
+    assert [e["id"] for e in rest] == [e["id"] for e in events if e["id"] > middle] or [e["id"] for e in rest] == [
+        e["id"] for e in events[len(events) // 2 + 1 :]
+    ]
+
+
+def test_job_stream_follows_live_until_the_job_ends(stack, user, file_server, tmp_path):
+    _, client = user
+    resp = client.post("/v1/apps", {"app": "live", "url": big_app(tmp_path, file_server)})
+    t0 = time.monotonic()
+    events = list(client.events(f"/v1/jobs/{resp['job']}/events"))
+    assert time.monotonic() - t0 > 1  # it followed a job that was still running
+    assert events[-1]["event"] == "state" and events[-1]["data"]["state"] == "succeeded"
+    progress = [e["data"] for e in events if e["event"] == "progress"]
+    assert len(progress) >= 3  # they drive the --wait progress bar
+    assert [p["done"] for p in progress] == sorted(p["done"] for p in progress)
+    assert all(p["done"] <= p["total"] == progress[0]["total"] for p in progress)
+
+
+def test_user_stream_and_job_list_by_state(stack, user, file_server, tmp_path):
+    _, client = user
+    ok = deploy(stack, client, "one", publish(file_server, web_app(tmp_path / "a"), "tgz"))
+    bad = deploy(stack, client, "two", f"{file_server.url}/nothing-here.tgz")
+    assert ok["state"] == "succeeded" and bad["state"] == "failed"
+    assert [j["id"] for j in client.get("/v1/jobs", state="failed")["jobs"]] == [bad["id"]]
+    assert [j["id"] for j in client.get("/v1/jobs", state="succeeded")["jobs"]] == [ok["id"]]
+    assert {j["id"] for j in client.get("/v1/jobs")["jobs"]} == {ok["id"], bad["id"]}
+    with pytest.raises(ApiError) as e:
+        client.get("/v1/jobs", state="nonsense")
+    assert e.value.status == 400
+    events = list(client.events("/v1/events?follow=0"))
+    assert {e["data"]["job"] for e in events} == {ok["id"], bad["id"]}
+
+
+def test_cancel_a_queued_job(stack, user, file_server, tmp_path):
+    name, client = user
+    stack.kill("worker")
+    try:
+        resp = client.post("/v1/apps", {"app": "never", "url": publish(file_server, web_app(tmp_path / "s"), "tgz")})
+        job = client.post(f"/v1/jobs/{resp['job']}/cancel")
+        assert job["state"] == "cancelled"
+    finally:
+        stack.start_worker()
+    # The worker gets the message but must not run a cancelled job.
+    time.sleep(2)
+    assert client.get(f"/v1/jobs/{resp['job']}")["state"] == "cancelled"
+    assert client.get(f"/v1/jobs/{resp['job']}")["attempts"] == 0
+    assert not (stack.home / "services" / name / f"{name}_never").exists()
+    with pytest.raises(ApiError) as e:
+        client.post(f"/v1/jobs/{resp['job']}/cancel")
+    assert e.value.status == 409
+
+
+def test_cancel_a_running_job_cleans_up(stack, user, file_server, tmp_path):
+    name, client = user
+    resp = client.post("/v1/apps", {"app": "halt", "url": big_app(tmp_path, file_server)})
+    wait_state(stack, client, resp["job"], "running")
+    time.sleep(0.5)
+    client.post(f"/v1/jobs/{resp['job']}/cancel")
+    job = stack.wait_job(client, resp["job"])
+    assert job["state"] == "cancelled"
+    assert not (stack.home / "services" / name / f"{name}_halt").exists()
+    staging = stack.home / "services" / name / ".staging"
+    assert not staging.exists() or not list(staging.iterdir())
+
+
+def test_worker_killed_mid_deploy_is_redelivered_and_completes_once(stack, user, file_server, tmp_path):
+    name, client = user
+    url = big_app(tmp_path, file_server)
+    resp = client.post("/v1/apps", {"app": "phoenix", "url": url})
+    wait_state(stack, client, resp["job"], "running")
+    time.sleep(1.0)  # mid-download
+    stack.kill("worker")  # SIGKILL, no chance to clean up
+    stack.start_worker()
+    job = stack.wait_job(client, resp["job"], timeout=90)
+    assert job["state"] == "succeeded", job
+    assert job["attempts"] == 2
+    base = stack.home / "services" / name
+    assert [p.name for p in base.iterdir() if not p.name.startswith(".")] == [f"{name}_phoenix"]
+    assert len(list((base / ".versions").iterdir())) == 1
+    assert not list((base / ".staging").iterdir())
+
+    async def url_keys():
+        async with EtcdStore(stack.env["NAP_ETCD"]) as s:
+            return await s.get_prefix(f"/services/url/{name}/")
+
+    assert asyncio.run(url_keys()) == {f"/services/url/{name}/phoenix": url}
+    states = [e["data"]["state"] for e in client.events(f"/v1/jobs/{resp['job']}/events") if e["event"] == "state"]
+    assert states.count("succeeded") == 1 and states.count("running") == 2
+
+
+def test_cli_user_add_and_deploy_wait(stack, file_server, tmp_path):
+    out = run_cli(stack, stack.admin_token, "user", "add", "carol")
+    assert out.returncode == 0, out.stderr
+    token = out.stdout.strip()
+    assert token.startswith("nap_")
+    url = publish(file_server, web_app(tmp_path / "src"), "tgz")
+    out = run_cli(stack, token, "deploy_app", "carol_web", url, "--wait")
+    assert out.returncode == 0, out.stderr
+    assert "succeeded" in out.stderr and "downloading" in out.stderr
+    assert run_cli(stack, token, "get_parameters", "carol_web").stdout.strip() == "name,greeting"
+    assert run_cli(stack, token, "list_services").stdout.split() == ["carol_web"]
+    assert run_cli(stack, token, "get-service-url", "web").stdout.strip() == url
+    out = run_cli(stack, token, "deploy_app", "carol_bad", f"{file_server.url}/missing.tgz", "--wait")
+    assert out.returncode != 0 and "404" in out.stderr
+    out = run_cli(stack, token, "deploy_app", "dave_web", url)
+    assert out.returncode != 0 and "dave" in out.stderr
+    out = run_cli(stack, "wrong", "list_services")
+    assert out.returncode != 0 and "invalid token" in out.stderr
+
+
+def test_docker_compose_file_is_valid():
+    root = Path(__file__).resolve().parents[2]  # the repository
+    out = subprocess.run(
+        ["docker-compose", "-f", "docker-compose.yml", "config", "-q"], cwd=root, capture_output=True, text=True
+    )
+    assert out.returncode == 0, out.stderr

@@ -1,0 +1,72 @@
+"""A real HTTP server on 127.0.0.1 for deploy tests, in a thread: serves files from a folder.
+
+``/slow/<file>?seconds=S`` trickles the file over about S seconds (to kill a worker mid-download).
+"""
+
+from __future__ import annotations
+
+import http.server
+import threading
+import time
+import urllib.parse
+from pathlib import Path
+
+
+class FileServer:
+    def __init__(self, root: Path):
+        self.root = Path(root)
+        self.root.mkdir(parents=True, exist_ok=True)
+        root_dir = self.root
+
+        class Handler(http.server.BaseHTTPRequestHandler):
+            def log_message(self, *args):  # keep test output quiet
+                pass
+
+            def do_GET(self):
+                parsed = urllib.parse.urlparse(self.path)
+                query = urllib.parse.parse_qs(parsed.query)
+                path = parsed.path
+                slow = path.startswith("/slow/")
+                if slow:
+                    path = path[len("/slow") :]
+                target = (root_dir / path.lstrip("/")).resolve()
+                if root_dir.resolve() not in target.parents or not target.is_file():
+                    self.send_error(404, "Not Found")
+                    return
+                data = target.read_bytes()
+                self.send_response(200)
+                self.send_header(
+                    "Content-Type", "text/html" if target.suffix == ".html" else "application/octet-stream"
+                )
+                self.send_header("Content-Length", str(len(data)))
+                self.end_headers()
+                if not slow:
+                    self.wfile.write(data)
+                    return
+                seconds = float(query.get("seconds", ["3"])[0])
+                steps = 30
+                size = max(1, len(data) // steps + 1)
+                for i in range(0, len(data), size):
+                    try:
+                        self.wfile.write(data[i : i + size])
+                        self.wfile.flush()
+                    except (BrokenPipeError, ConnectionResetError):
+                        return
+                    time.sleep(seconds / steps)
+
+        self.httpd = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        self.httpd.daemon_threads = True
+        self.port = self.httpd.server_address[1]
+        self.thread = threading.Thread(target=self.httpd.serve_forever, daemon=True)
+
+    @property
+    def url(self) -> str:
+        return f"http://127.0.0.1:{self.port}"
+
+    def start(self) -> FileServer:
+        self.thread.start()
+        return self
+
+    def stop(self) -> None:
+        self.httpd.shutdown()
+        self.httpd.server_close()

