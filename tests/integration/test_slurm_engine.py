@@ -44,6 +44,16 @@ def fault_stack(tmp_path_factory, redis_server, etcd_server):
     s.cluster.stop()
 
 
+@pytest.fixture(autouse=True)
+def remove_what_the_test_started(request):
+    """Each test's instances are removed after it: the clusters are shared by the module or the session."""
+    names = [n for n in ("slurm_stack", "slurm2_stack", "fault_stack") if n in request.fixturenames]
+    marks = [(s, len(s.users)) for s in map(request.getfixturevalue, names)]
+    yield
+    for s, first in marks:
+        s.remove_instances(s.users[first:])
+
+
 def squeue(stack, *args: str) -> list[list[str]]:
     out = stack.cluster.run("squeue", "-h", "-r", "-t", "all", *args).stdout
     return [line.split("|") for line in out.splitlines()]

@@ -202,8 +202,13 @@ ENGINES = [
 
 @pytest.fixture(params=ENGINES)
 def engine_stack(request):
-    """The contract tests' stack: the local engine's, then the one- and the two-node Slurm cluster's."""
-    return request.getfixturevalue({"local": "stack", "slurm": "slurm_stack", "slurm2": "slurm2_stack"}[request.param])
+    """The contract tests' stack: the local engine's, then the one- and the two-node Slurm cluster's.
+    What the test's users started is removed after it (a Slurm cluster shared by the session would
+    otherwise carry hundreds of jobs into the next test)."""
+    s = request.getfixturevalue({"local": "stack", "slurm": "slurm_stack", "slurm2": "slurm2_stack"}[request.param])
+    first = len(s.users)
+    yield s
+    s.remove_instances(s.users[first:])
 
 
 @pytest.fixture

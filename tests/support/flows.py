@@ -125,3 +125,12 @@ def wait_master(client, app: str, run: int, timeout: float = 60) -> dict:
             return {"master": master, "rows": [r for r in rows if r["instance"].split("-")[0] == str(run)]}
         time.sleep(0.2)
     raise AssertionError(f"master of run {run} still {master['state']}")
+
+
+def wait_until(check, timeout: float, what: str, interval: float = 0.2) -> None:
+    """Poll ``check()`` until it is true; fail naming ``what`` after ``timeout`` seconds."""
+    deadline = time.monotonic() + timeout
+    while not check():
+        if time.monotonic() > deadline:
+            raise AssertionError(f"waited {timeout:g} s for {what}")
+        time.sleep(interval)

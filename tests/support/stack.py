@@ -46,6 +46,7 @@ class NapStack:
             **(extra_env or {}),
         }
         self.procs: dict[str, subprocess.Popen] = {}
+        self.users: list[str] = []  # the users add_user made, in order
         self.url = f"http://127.0.0.1:{self.api_port}"
 
     def _spawn(self, name: str, argv: list[str]) -> subprocess.Popen:
@@ -140,7 +141,24 @@ class NapStack:
     def add_user(self, name: str | None = None) -> tuple[str, Client]:
         name = name or "u" + uuid.uuid4().hex[:8]
         token = self.client().post("/v1/users", {"name": name})["token"]
+        self.users.append(name)
         return name, self.client(token)
+
+    def remove_instances(self, users: list[str], timeout: float = 600.0) -> None:
+        """Remove every instance of ``users`` through the engine (tests/support/cleanup.py): nothing they
+        started runs on into the next test."""
+        if not users:
+            return
+        out = subprocess.run(
+            [sys.executable, "-m", "tests.support.cleanup", *users],
+            env=self.env,
+            capture_output=True,
+            text=True,
+            timeout=timeout,
+            cwd=Path(__file__).resolve().parents[2],
+        )
+        if out.returncode:
+            raise RuntimeError(f"removing the instances of {users} failed:\n{out.stderr[-3000:]}")
 
     def wait_job(self, client: Client, job_id: str, timeout: float = 60.0) -> dict:
         """Poll a job until it ends; returns its record."""

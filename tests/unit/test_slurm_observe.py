@@ -9,6 +9,7 @@ import pytest
 
 from nap_orch.engines.base import EXITED, FAILED, RUNNING, STARTING, STOPPED
 from nap_orch.engines.slurm.cli import Row
+from nap_orch.engines.slurm.engine import cancel_ids
 from nap_orch.engines.slurm.observe import GRACE, Action, observe, to_status
 from nap_orch.engines.slurm.records import Desired, Observed, RunFiles
 from nap_orch.units import Unit
@@ -174,3 +175,15 @@ def test_an_mpi_slave_ends_with_its_run(run_dir):
         T0 + 5,
     )
     assert (s.state, s.message, actions) == (EXITED, "the run ended", [Action.ENDED])
+
+
+def test_a_whole_array_is_cancelled_by_its_id_and_a_part_by_task_ids():
+    rows = {f"12_{t}": Row(f"12_{t}", "a", "RUNNING", "n1", "None") for t in (1, 2, 3)}
+    rows |= {f"13_{t}": Row(f"13_{t}", "a", "RUNNING", "n1", "None") for t in (1, 2)}
+    rows["13_3"] = Row("13_3", "a", "COMPLETED", "n1", "None")  # ended: does not keep the array
+    rows["14"] = Row("14", "mpi", "RUNNING", "n1", "None")
+    rows["15+0"] = Row("15+0", "mpi", "RUNNING", "n1", "None")
+    rows["15+1"] = Row("15+1", "mpi", "RUNNING", "n2", "None")
+    going = {"12_1", "12_3", "13_1", "13_2", "14", "15+0", "15+1"}
+    assert cancel_ids(rows, going) == ["12_1", "12_3", "13", "14", "15"]
+    assert cancel_ids(rows, set()) == []

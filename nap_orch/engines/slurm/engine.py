@@ -59,8 +59,8 @@ from .records import RUN_FILES, Desired, Observed, Record, RunFiles, current
 
 log = logging.getLogger("nap.slurm")
 
-# How long remove() waits for cancelled jobs to leave Slurm: a base, and more per job.
-CANCEL_WAIT, CANCEL_WAIT_PER_JOB = 30.0, 0.2
+# How long remove() waits, after Slurm accepted the cancel, for the programs of cancelled jobs to end.
+CANCEL_WAIT = 20.0
 R = TypeVar("R", bound=Record)
 
 
@@ -100,6 +100,9 @@ class SlurmEngine(Engine):
 
     def observed_key(self, name: str) -> str:
         return records.OBSERVED.format(ns=self.ns, name=name)
+
+    def ending_key(self, jobid: str) -> str:
+        return records.ENDING.format(ns=self.ns, jobid=jobid)
 
     def run_file(self, jobid: str, what: str) -> Path:
         return self.run_dir / f"{jobid}.{what}"
@@ -257,6 +260,9 @@ class SlurmEngine(Engine):
             if unit is not None:
                 filled = d.profile.replace(units.PORT_REF, str(port)).replace(units.HOST_REF, host)
                 (Path(unit.workdir) / PROFILE).write_text(filled)
+
+    def delete_run_files(self, jobids: Iterable[str]) -> None:
+        self._delete_files(jobids=jobids)
 
     def _delete_files(
         self, journals: Iterable[str] = (), jobids: Iterable[str] = (), names: Iterable[str] = ()
@@ -475,7 +481,14 @@ class SlurmEngine(Engine):
         return (await self.status([name]))[name]
 
     async def remove(self, names: list[str]) -> None:
-        """Cancel and forget: jobs, records, port reservations, unit, journal and run files."""
+        """Cancel and forget: jobs, records, port reservations, unit, journal and run files.
+
+        Bounded: it waits at most ``CANCEL_WAIT`` seconds after Slurm accepted the cancel, until
+        nothing of the instances can start any more (a task starts its program only once the
+        reconciler hands it a port, which it no longer does) and every program that did start has
+        ended (its exit file). Jobs still ending in Slurm then are recorded (``records.ENDING``); the
+        reconciler cancels them again if they linger and removes their run files once they are gone.
+        """
         if not names:
             return
         await self.open()
@@ -490,38 +503,53 @@ class SlurmEngine(Engine):
             s = current(d, ss.get(n))
             jobids.update({d.jobid, s.jobid})
             row_ids.update({d.row, s.row})
+        ending: list[str] = []
         try:
             rows = await self.rows_for(ds)
-            live = [r.jobid for i, r in rows.items() if i in row_ids and r.live]
-            if live:
-                await self.cli.scancel(live)
-                # Slurm ends cancelled jobs at about 30 a second here (400 took 14-16 s on 2 cores): a
-                # rollback waits until they are gone, so nothing of it runs on when it is done
-                deadline = time.monotonic() + CANCEL_WAIT + CANCEL_WAIT_PER_JOB * len(live)
-                while True:
-                    rows = await self.rows_for(ds)
-                    left = [r for i, r in rows.items() if i in row_ids and r.live]
-                    if not left:
-                        break
-                    if time.monotonic() > deadline:
-                        log.warning(
-                            "%d of %d cancelled job(s) still in Slurm (%s ...); the reconciler cancels them again",
-                            len(left),
-                            len(live),
-                            left[0].id,
-                        )
-                        break
-                    await asyncio.sleep(0.25)
-        except EngineError:
-            pass  # Slurm is unreachable: the reconciler cancels the jobs that no record names any more
+            mine = {i: r for i, r in rows.items() if i in row_ids and r.live}
+            if mine:
+                await self.cli.scancel(cancel_ids(rows, set(mine)))
+                ending = await self._wait_ended(ds, mine)
+        except EngineError as e:  # Slurm is unreachable: the reconciler cancels the jobs no record names
+            log.warning("cancelling %d instance(s) in Slurm failed (%s); the reconciler will", len(ds), e.message)
+        if ending:
+            log.warning(
+                "%d cancelled job(s) still ending in Slurm after %gs (%s ...); the reconciler finishes them",
+                len(ending),
+                CANCEL_WAIT,
+                ending[0],
+            )
+            record = json.dumps({"since": time.time()})
+            await self.store.put_many({self.ending_key(j): record for j in ending})
         ss = await self.observed(list(ds))  # the reconciler may have handed out ports meanwhile
         await self.ports.release_held(
             (s.port_host, s.port, n) for n, s in ss.items() if s.port is not None and s.port_host
         )
         await self.store.delete_many([self.desired_key(n) for n in names] + [self.observed_key(n) for n in names])
-        await asyncio.to_thread(self._delete_files, [d.journal for d in ds.values()], list(jobids), list(ds))
+        done = [j for j in jobids if j not in ending]
+        await asyncio.to_thread(self._delete_files, [d.journal for d in ds.values()], done, list(ds))
         for name in names:
             self._units.pop(name, None)
+
+    async def _wait_ended(self, ds: dict[str, Desired], cancelled: dict[str, Row]) -> list[str]:
+        """Wait (at most ``CANCEL_WAIT``) until each cancelled row has left Slurm, or never started its
+        program, or its program has ended; the job ids of those still running then."""
+        deadline = time.monotonic() + CANCEL_WAIT
+        pending = dict(cancelled)
+        while True:
+            rows = await self.rows_for(ds)
+            files = self.run_files()  # after squeue
+            pending = {
+                i: r
+                for i, r in pending.items()
+                if (now := rows.get(i)) is not None
+                and now.live
+                and files.started_of(r.jobid) is not None
+                and files.exit_of(r.jobid) is None
+            }
+            if not pending or time.monotonic() > deadline:
+                return sorted({r.jobid for r in pending.values()})
+            await asyncio.sleep(0.25)
 
     # -- unit, journal ---------------------------------------------------------------------------
     async def unit_text(self, name: str) -> str | None:
@@ -561,6 +589,26 @@ class SlurmEngine(Engine):
                     yield buf.decode("utf-8", "replace")
                 return
             await asyncio.sleep(0.25)
+
+
+def cancel_ids(rows: dict[str, Row], cancel: set[str]) -> list[str]:
+    """What to hand scancel for the rows ``cancel`` (squeue ids): a whole array job's id where every
+    live task of it is to go (one id instead of hundreds), else the tasks' own ids. ``rows`` are all
+    the live rows of those arrays (a launch's arrays may hold instances that stay)."""
+    by_array: dict[str, list[str]] = {}
+    for i, r in rows.items():
+        if r.live:
+            by_array.setdefault(r.jobid.partition("_")[0], []).append(i)
+    ids: list[str] = []
+    for base, members in sorted(by_array.items()):
+        going = [i for i in members if i in cancel]
+        if not going:
+            continue
+        if len(going) == len(members):
+            ids.append(base)
+        else:
+            ids += sorted({rows[i].jobid for i in going})
+    return ids
 
 
 def _app_prefix(name: str) -> str:

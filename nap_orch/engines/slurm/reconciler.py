@@ -42,6 +42,7 @@ from ..base import FAILED, RUNNING, STARTING, STOPPED
 from ..files import FilePool
 from ..journal import event_line
 from . import records, scripts
+from .cli import Row
 from .engine import SlurmEngine
 from .observe import Action, job_ended, observe
 from .records import Desired, Observed
@@ -171,6 +172,7 @@ class Reconciler:
         for n in gone:
             del self.observed[n]
         referenced = {d.jobid for d in ds.values() if d} | {s.jobid for s in states.values()}
+        referenced |= await self.finish_ending(rows, now)
         await self.cancel_orphans(rows, referenced, now)
         if now - self.cleaned > CLEANUP_EVERY:
             self.cleaned = now
@@ -303,7 +305,27 @@ class Reconciler:
         if due:
             await self.engine.cli.scancel(due)
 
-    async def cancel_orphans(self, rows: dict, referenced: set[str], now: float) -> None:
+    async def finish_ending(self, rows: dict[str, Row], now: float) -> set[str]:
+        """The jobs of removed instances that were still ending (``SlurmEngine.remove``): cancelled
+        again while they linger, forgotten with their run files once Slurm has ended them. Their ids."""
+        start = len(self.engine.ending_key(""))
+        ending = {k[start:]: v for k, v in (await self.store.get_prefix(self.engine.ending_key(""))).items()}
+        if not ending:
+            return set()
+        live = {r.jobid for r in rows.values() if r.live}
+        gone = [j for j in ending if j not in live]
+        again = [j for j, raw in ending.items() if j in live and now - _since(raw) > STOP_GRACE]
+        if again:
+            log.info("cancelling again %d removed job(s) still in Slurm: %s", len(again), ", ".join(again[:10]))
+            await self.engine.cli.scancel(again)
+            record = json.dumps({"since": now})
+            await self.store.put_many({self.engine.ending_key(j): record for j in again})
+        if gone:
+            await asyncio.to_thread(self.engine.delete_run_files, gone)
+            await self.store.delete_many([self.engine.ending_key(j) for j in gone])
+        return set(ending)
+
+    async def cancel_orphans(self, rows: dict[str, Row], referenced: set[str], now: float) -> None:
         live = {r.jobid for r in rows.values() if r.live}
         orphans = [j for j in live if j not in referenced]
         self.orphans = {j: self.orphans.get(j, now) for j in orphans}
@@ -340,6 +362,13 @@ class Reconciler:
                     self.pool.recycle(str(path))
             except OSError:
                 pass
+
+
+def _since(raw: str) -> float:
+    try:
+        return float(json.loads(raw)["since"])
+    except (ValueError, KeyError, TypeError):
+        return 0.0
 
 
 # -- the process -----------------------------------------------------------------------------------

@@ -8,7 +8,9 @@ ends), per stack (namespace ``ns``):
   job (a restart makes a new one), state, node, port, exit code, restarts;
 - ``NAP_HOME/slurm/run/<job>.port``, ``<job>.started`` and ``<job>.exit`` (``RunFiles``): the port
   handed to a task, the pid of the program it started (the instance is running from then on), and how
-  it ended.
+  it ended;
+- ``/nap/slurm/<ns>/ending/<job>``: a job of removed instances that Slurm had not ended when ``remove``
+  stopped waiting; the reconciler cancels it again while it lingers and removes its run files after.
 """
 
 from __future__ import annotations
@@ -26,6 +28,7 @@ from ..base import RUNNING, STARTING
 
 DESIRED = "/nap/slurm/{ns}/desired/{name}"
 OBSERVED = "/nap/slurm/{ns}/observed/{name}"
+ENDING = "/nap/slurm/{ns}/ending/{jobid}"  # a removed instance's job still ending in Slurm: {"since"}
 RECONCILER = "/nap/slurm/{ns}/reconciler"  # the reconciler that holds it (a lease) is the one at work
 RUN_FILES = ("port", "started", "exit")  # NAP_HOME/slurm/run/<job>.<what>
 
