@@ -105,7 +105,8 @@ def main() -> int:
                     ),
                     flush=True,
                 )
-                stack.kill_instances()
+                # through the engine: killed processes would be restarted by the agent (SIGKILL is a failure)
+                stack.remove_instances([user])
         finally:
             stack.stop()
             www.stop()

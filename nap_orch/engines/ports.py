@@ -83,9 +83,10 @@ class Reserved:
 class Ports:
     """Reservations of ports in ``port_range`` in a state store."""
 
-    def __init__(self, store: Store, port_range: tuple[int, int]):
+    def __init__(self, store: Store, port_range: tuple[int, int], in_flight: int = 64):
         self.store = store
         self.range = port_range
+        self.in_flight = in_flight  # reservations sent at once
 
     async def holders(self, host: str) -> dict[int, str]:
         """The ports reserved on ``host`` and the instance holding each."""
@@ -117,7 +118,7 @@ class Ports:
             out.missing += missing
             items = list(got.items())
             created = await self.store.create_many(
-                [(keys.PORT_RESERVATION.format(host=host, port=p), name) for name, p in items]
+                [(keys.PORT_RESERVATION.format(host=host, port=p), name) for name, p in items], self.in_flight
             )
             for (name, port), ok in zip(items, created):
                 if ok:

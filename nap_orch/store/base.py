@@ -65,9 +65,9 @@ class Store(abc.ABC):
     async def create(self, key: str, value: str, lease: Lease | None = None) -> bool:
         """Write ``key`` only if it does not exist; True when this call created it (atomic)."""
 
-    async def create_many(self, items: Iterable[tuple[str, str]]) -> list[bool]:
-        """``create`` for each (key, value), concurrently: which of them this call created."""
-        return await gather_limited(self.create(k, v) for k, v in items)
+    async def create_many(self, items: Iterable[tuple[str, str]], in_flight: int = IN_FLIGHT) -> list[bool]:
+        """``create`` for each (key, value), ``in_flight`` at a time: which of them this call created."""
+        return await gather_limited((self.create(k, v) for k, v in items), in_flight)
 
     async def get_many(self, keys: Iterable[str]) -> list[str | None]:
         """``get`` of each key, concurrently, in order."""

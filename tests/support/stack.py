@@ -88,14 +88,20 @@ class NapStack:
             [sys.executable, "-m", "dramatiq", "workers", "--processes", str(processes), "--threads", str(threads)],
         )
 
-    def kill(self, name: str, sig: int = signal.SIGKILL) -> None:
+    def kill(self, name: str, sig: int = signal.SIGKILL, timeout: float = 15.0) -> None:
+        """Signal one part and wait for it; one that does not end within ``timeout`` gets SIGKILL, so
+        that nothing outlives the stack."""
         proc = self.procs.pop(name, None)
         if proc and proc.poll() is None:
             try:
                 os.killpg(proc.pid, sig)
             except ProcessLookupError:
                 pass
-            proc.wait(15)
+            try:
+                proc.wait(timeout)
+            except subprocess.TimeoutExpired:
+                os.killpg(proc.pid, signal.SIGKILL)
+                proc.wait(15)
 
     def stop(self) -> None:
         for name in list(self.procs):

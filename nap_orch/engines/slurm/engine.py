@@ -76,7 +76,8 @@ class SlurmEngine(Engine):
         self.slurm = SlurmSettings.from_env()
         self.cli = SlurmCli(self.slurm, self.tag)
         self.store = open_store(settings)
-        self.ports = Ports(self.store, settings.port_range)
+        # the reconciler reserves a pass's ports at once: hundreds of tasks wait for them
+        self.ports = Ports(self.store, settings.port_range, in_flight=256)
         root = settings.home / "slurm"
         self.journal_dir, self.run_dir, self.tasks_dir = root / "journal", root / "run", root / "tasks"
         self._units: dict[str, tuple[str, units.Unit | None]] = {}
