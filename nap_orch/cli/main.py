@@ -8,9 +8,12 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
+import re
 import sys
 import time
 
+from ..config import Settings
 from .client import ApiError, Client
 
 
@@ -33,8 +36,6 @@ def _params(words: list[str]) -> dict | str:
 
 def _split_pairs(text: str) -> list[str]:
     # "a=1,b=2" -> ["a=1", "b=2"]; a comma inside a value is kept when not followed by "name=".
-    import re
-
     return re.split(r",(?=[A-Za-z_][A-Za-z0-9_-]*=)", text)
 
 
@@ -178,8 +179,8 @@ def cmd_remote(args) -> int:
 
 
 def cmd_local(args) -> int:
-    from ..config import Settings
-
+    """The platform's own processes. Their modules are imported here, not at the top: the remote
+    operations (``nap get_port``) start without loading aiohttp's server, dramatiq or the engines."""
     settings = Settings.from_env()
     if args.op == "api":
         from ..api.app import serve
@@ -190,8 +191,6 @@ def cmd_local(args) -> int:
 
         run_daemon(settings)
     elif args.op == "worker":
-        import os
-
         os.execvp(
             sys.executable,
             [

@@ -10,6 +10,8 @@ from .base import Lease, Store
 
 
 def open_store(settings: Settings) -> Store:
+    """The store ``settings`` name (not yet opened). Each client library is imported only when chosen:
+    grpc (etcd's) takes a while to load, and the MPI rank processes start one each."""
     if settings.etcd:
         from .etcd import EtcdStore
 
