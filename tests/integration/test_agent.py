@@ -163,8 +163,9 @@ def alive(pid: int) -> bool:
 
 
 def processes_with(marker: str) -> list[int]:
-    """Live (not zombie) processes whose command line holds ``marker``."""
-    found = []
+    """Live (not zombie) processes whose command line holds ``marker``, but for their own children: a
+    shell's child between its fork and its exec (a ticker's ``sleep``) still carries its command line."""
+    found: dict[int, int] = {}  # pid -> parent pid
     for entry in os.listdir("/proc"):
         if not entry.isdigit():
             continue
@@ -172,11 +173,13 @@ def processes_with(marker: str) -> list[int]:
             with open(f"/proc/{entry}/cmdline", "rb") as f:
                 if marker.encode() not in f.read():
                     continue
-        except OSError:
+            with open(f"/proc/{entry}/stat") as f:
+                parent = int(f.read().rsplit(")", 1)[1].split()[1])
+        except (OSError, ValueError, IndexError):
             continue
         if alive(int(entry)):
-            found.append(int(entry))
-    return found
+            found[int(entry)] = parent
+    return [pid for pid, parent in found.items() if parent not in found]
 
 
 SH = "/bin/sh"
