@@ -8,7 +8,7 @@ slurmctld's allocation, the node launches the tasks well after it.
     python bench/slurm_launch.py                 # N=1000, etcd store
     python bench/slurm_launch.py --count 500 --store redis --rounds 2
 
-It starts its own Slurm cluster (tests/slurm_cluster.py: munged, slurmctld, slurmd), Redis, etcd,
+It starts its own Slurm cluster (tests/support/slurm_cluster.py: munged, slurmctld, slurmd), Redis, etcd,
 agent (the Slurm reconciler), worker and API in a temporary folder and removes everything after. Needs
 root and Debian's Slurm 22.05, like the tests.
 """

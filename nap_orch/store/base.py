@@ -1,7 +1,7 @@
 """What a state store must provide. Keys are etcd-style paths (``/services/url/alice/web``); values are str.
 
 The implementations (``etcd.py``, ``redis.py``, and ``memory.py`` for unit tests) pass the same contract
-suite (tests/integration/test_store.py; the in-memory one in tests/unit/test_store_memory.py).
+suite (tests/integration/test_store.py, which runs the in-memory one too).
 """
 
 from __future__ import annotations

@@ -1,4 +1,4 @@
-"""Proof that the private test Slurm cluster (tests/slurm_cluster.py) runs what nap-orch needs.
+"""Proof that the private test Slurm cluster (tests/support/slurm_cluster.py) runs what nap-orch needs.
 
 Runs real slurmctld/slurmd/munged processes under pytest's tmp folders.  Skipped where Slurm is not
 installed.  Each test is marked ``slurm``.

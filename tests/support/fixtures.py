@@ -136,7 +136,7 @@ def user(stack):
     return stack.add_user()
 
 
-# -- the Slurm engine: stacks on private Slurm clusters (tests/slurm_cluster.py) -------------------
+# -- the Slurm engine: stacks on private Slurm clusters (tests/support/slurm_cluster.py) -------------------
 # Two slurmd "nodes" share this machine, hence its hostname: Open MPI's shared-memory segment names of
 # ranks on n1 and n2 would collide, so ranks talk TCP.
 SLURM_ENV = {"NAP_SLURM_MPI_ENV": "OMPI_MCA_btl=self,tcp"}

@@ -11,7 +11,7 @@ started (the instance is running from then on) and its exit code to ``<run>/<job
 Slurm's own record of a job is gone ``MinJobAge`` after it ends, and this Slurm has no accounting.
 
 An MPI run is one job: the master's unit runs as the batch script (component 0 of a heterogeneous
-job), its slaves as one step over the slaves' tasks (component 1), and ``nap_orch.mpirun`` launches the
+job), its slaves as one step over the slaves' tasks (component 1), and ``nap_orch.rank`` launches the
 program with ``srun --mpi=pmix`` over both components: one MPI world across the nodes.
 
 Words are quoted for bash with single quotes (``shlex.quote``): a value is data. The argv markers of
