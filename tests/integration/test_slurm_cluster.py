@@ -18,6 +18,7 @@ from pathlib import Path
 
 import pytest
 
+from nap_orch.engines.slurm.cli import TERMINAL  # Slurm's own states: one list
 from tests.support.slurm_cluster import SlurmCluster, SlurmClusterError, slurm_available
 
 _ok, _why = slurm_available()
@@ -31,17 +32,6 @@ pytestmark = pytest.mark.slurm
 MPI_ENV = {"OMPI_MCA_btl": "self,tcp"}
 ROOT_MPIRUN_ENV = {"OMPI_ALLOW_RUN_AS_ROOT": "1", "OMPI_ALLOW_RUN_AS_ROOT_CONFIRM": "1"}
 
-TERMINAL = {
-    "COMPLETED",
-    "CANCELLED",
-    "FAILED",
-    "TIMEOUT",
-    "NODE_FAIL",
-    "PREEMPTED",
-    "OUT_OF_MEMORY",
-    "BOOT_FAIL",
-    "DEADLINE",
-}
 
 MPI_SUM_C = r"""
 #include <mpi.h>

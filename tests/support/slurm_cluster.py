@@ -31,6 +31,8 @@ import time
 from collections.abc import Callable, Iterable
 from pathlib import Path
 
+from nap_orch.engines.slurm.cli import TERMINAL
+
 __all__ = ["SlurmCluster", "SlurmClusterError", "slurm_available"]
 
 # Set in the environment of every daemon we start; slurmstepd inherits slurmd's environment, so
@@ -631,22 +633,7 @@ class SlurmCluster:
         deadline = time.monotonic() + timeout
         while time.monotonic() < deadline:
             p = self.run("squeue", "-h", "-t", "all", "-o", "%T", check=False, timeout=30)
-            live = [
-                s
-                for s in p.stdout.split()
-                if s
-                not in (
-                    "COMPLETED",
-                    "CANCELLED",
-                    "FAILED",
-                    "TIMEOUT",
-                    "NODE_FAIL",
-                    "PREEMPTED",
-                    "OUT_OF_MEMORY",
-                    "BOOT_FAIL",
-                    "DEADLINE",
-                )
-            ]
+            live = [s for s in p.stdout.split() if s not in TERMINAL]
             if not live and not self._job_pids():
                 return
             time.sleep(0.1)
