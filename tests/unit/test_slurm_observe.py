@@ -148,6 +148,32 @@ def test_a_job_slurm_signalled_is_judged_once_slurm_says_how_it_ended(run_dir):
     assert s.message.startswith(f"lost: Slurm ended job {JOB} (NODE_FAIL on n1), restarting in 1s")
 
 
+def test_a_job_slurm_cancelled_is_lost_even_if_its_script_saw_a_plain_exit(run_dir):
+    # Slurm's TERM reached the program before the script's trap ran: the script recorded "143 0".
+    plain = files(run_dir, exit="143 0")
+    s, actions = look(desired(), running(), row("COMPLETING"), plain, now=T0 + 5)
+    assert (s.state, s.message, actions) == (RUNNING, "ending in Slurm (COMPLETING)", [])
+    s, actions = look(desired(), s, row("CANCELLED", "n1"), plain, now=T0 + 6)
+    assert actions == [Action.ENDED]
+    assert s.message.startswith(f"lost: Slurm ended job {JOB} (CANCELLED on n1), restarting in 1s")
+
+
+def test_an_exit_is_judged_by_its_code_once_slurm_ends_the_job(run_dir):
+    failed = files(run_dir, exit="3 0")
+    s, actions = look(desired(), running(), row("RUNNING"), failed, now=T0 + 5)
+    assert (s.state, actions) == (RUNNING, [])
+    s, actions = look(desired(), s, row("FAILED", "n1"), failed, now=T0 + 6)
+    assert actions == [Action.ENDED] and s.exit_code == 3
+    assert s.message == "exited with code 3, restarting in 1s (restart 1 of 2)"
+
+
+def test_an_exit_slurm_is_slow_to_confirm_is_judged_after_the_grace(run_dir):
+    s, actions = look(desired(), running(), row("COMPLETING"), files(run_dir, exit="0 0"), now=T0 + 5)
+    assert actions == []
+    s, actions = look(desired(), s, row("COMPLETING"), files(run_dir), now=T0 + 5 + GRACE)
+    assert (s.state, s.exit_code, actions) == (EXITED, 0, [Action.ENDED])
+
+
 def test_a_stopped_instance_whose_job_still_runs_is_cancelled(run_dir):
     d = desired(desired=STOPPED)
     s, actions = look(d, running(), row(), files(run_dir))

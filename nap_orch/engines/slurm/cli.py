@@ -27,6 +27,10 @@ TERMINAL = {
     "SPECIAL_EXIT",
     "REVOKED",
 }
+# Terminal states in which Slurm ended the job (not its program): the instance was lost, whatever
+# exit code its script recorded (a program killed by Slurm's TERM may be reaped before the script's
+# trap runs, which then records a plain exit code 143).
+ENDED_BY_SLURM = {"CANCELLED", "NODE_FAIL", "TIMEOUT", "PREEMPTED", "BOOT_FAIL", "DEADLINE", "REVOKED"}
 ACTIVE = {"RUNNING", "COMPLETING", "SIGNALING", "STAGE_OUT", "SUSPENDED", "STOPPED"}
 UNREACHABLE = (
     "Unable to contact slurm controller",

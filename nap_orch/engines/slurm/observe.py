@@ -12,7 +12,7 @@ from ...names import Kind
 from ...units import Unit
 from ..base import RUNNING, STARTING, STOPPED, InstanceStatus
 from ..restarts import Exit, decide
-from .cli import Row
+from .cli import ENDED_BY_SLURM, Row
 from .records import Desired, Observed, RunFiles, current
 
 # A job that squeue does not show yet (or any more) this long after submission, without an exit file, is lost.
@@ -56,9 +56,11 @@ def observe(
         _set(s, STARTING, f"{row.state.lower()} in Slurm{why}", now)
         return s, []
     ended = files.exit_of(s.jobid)  # written by the job's script as it ends, before Slurm sees the end
-    if row is not None and row.live and ended is not None and ended[1]:
-        # Signalled by Slurm (scancel, its node going down, a time limit): judged once Slurm says which,
-        # so that the journal names it (CANCELLED, NODE_FAIL ...) rather than COMPLETING.
+    if row is not None and row.live and ended is not None:
+        # Judged once Slurm says how the job ended: a job Slurm signalled (scancel, its node going down,
+        # a time limit) is lost, and the journal names why (CANCELLED, NODE_FAIL ...) rather than
+        # COMPLETING. The script's own "signalled" mark can't be relied on alone: Slurm signals the
+        # program and the script at once, and the script may see the program's end first.
         if s.ending_job != s.jobid:
             s.ending_job, s.ending_at = s.jobid, now
         if now - s.ending_at < GRACE:
@@ -102,7 +104,7 @@ def job_ended(
     """Apply the unit's restart policy (``engines.restarts``) to the end of the current job; ``ended``
     is (exit code, signalled by Slurm), None when the job left no exit code (lost)."""
     code, signalled = ended if ended is not None else (None, False)
-    lost = ended is None or signalled
+    lost = ended is None or signalled or (row is not None and row.state in ENDED_BY_SLURM)
     if what:
         pass
     elif lost:
