@@ -17,12 +17,20 @@ def _bool(value: str) -> bool:
     return value.strip().lower() in {"1", "true", "yes", "on"}
 
 
-def _range(value: str) -> tuple[int, int]:
+def _range(value: str, top: int = 65535) -> tuple[int, int]:
     low, _, high = value.partition("-")
     lo, hi = int(low), int(high or low)
-    if not (0 < lo <= hi < 65536):
-        raise ValueError(f"bad port range {value!r}")
+    if not (0 < lo <= hi <= top):
+        raise ValueError(f"bad range {value!r} (from 1 to {top})")
     return lo, hi
+
+
+def _default_home() -> Path:
+    """``~/nap``; for root ``/var/lib/nap``, a place every tenant's uid can pass through to its instance
+    folder (the sandbox binds it as that uid), which root's home (mode 0700) is not."""
+    if os.geteuid() == 0:
+        return Path("/var/lib/nap")
+    return Path(os.path.expanduser("~/nap"))
 
 
 def read_env(cls: type[T], prefix: str, env: Mapping[str, str] | None = None, **overrides: Any) -> T:
@@ -38,7 +46,7 @@ def read_env(cls: type[T], prefix: str, env: Mapping[str, str] | None = None, **
         if kind == "Path":
             values[f.name] = Path(raw).expanduser()
         elif kind == "tuple[int, int]":
-            values[f.name] = _range(raw)
+            values[f.name] = _range(raw, f.metadata.get("top", 65535))
         elif kind == "int":
             values[f.name] = int(raw)
         elif kind == "float":
@@ -55,7 +63,7 @@ def read_env(cls: type[T], prefix: str, env: Mapping[str, str] | None = None, **
 class Settings:
     """Everything configurable. ``Settings.from_env()`` reads ``NAP_<FIELD>`` for each field."""
 
-    home: Path = field(default_factory=lambda: Path(os.path.expanduser("~/nap")))
+    home: Path = field(default_factory=_default_home)
     redis_url: str = "redis://127.0.0.1:6379/0"
     # etcd endpoints "host:port[,host:port...]"; empty means: keep the keys in Redis instead.
     etcd: str = ""
@@ -75,6 +83,12 @@ class Settings:
     mpirun: str = "mpirun"
     restart_limit: int = 5
     stop_timeout: float = 10.0
+    # Every instance runs sandboxed as its tenant's own uid, with cgroup limits (engines.local.sandbox,
+    # engines.local.cgroups). Off (NAP_SANDBOX=off) is for development only: tenants are not isolated.
+    sandbox: bool = True
+    # The uids (and gids) given to tenants, one each, without passwd entries (ops.tenants).
+    uid_range: tuple[int, int] = field(default=(200000, 299999), metadata={"top": 2**31 - 2})
+    tasks_max: int = 512  # processes and threads an instance may have at once (the unit's TasksMax=)
     agent_socket: str = ""
     admin_token: str = ""
     host: str = "127.0.0.1"

@@ -6,14 +6,15 @@ from __future__ import annotations
 URL = "/services/url/{user}/{app}"
 PORT = "/services/port/{user}/{app}/{n}"
 PORTS_OF_APP = "/services/port/{user}/{app}/"
-MPI = "/services/mpi/{user}/{app}/{run}/"
-MPI_SLAVE = "/services/mpi/{user}/{app}/{run}/slave{i}"
+MPI = "/services/mpi/{user}/{app}/{run}/"  # + slave<i> = {"host", "slots"}: the run's registered slaves
+MPI_OF_APP = "/services/mpi/{user}/{app}/"
 # ... and the platform's own, under /nap/.
 INSTANCE = "/nap/instances/{user}/{app}/{n}"  # reservation of instance number n (value: instance name)
 INSTANCES_OF_APP = "/nap/instances/{user}/{app}/"
 PORT_RESERVATION = "/nap/ports/{host}/{port}"  # value: instance name holding the port
 PORTS_OF_HOST = "/nap/ports/{host}/"
-MPI_RUN = "/nap/mpi/{user}/{app}/{run}"  # a run's record (JSON)
+TENANT = "/nap/tenants/{user}"  # the user's uid (= its gid), given once (ops.tenants)
+UID = "/nap/uids/{uid}"  # value: the user the uid was given to
 # Engines keep records of their own under /nap/<engine>/ (each in its own package).
 
 

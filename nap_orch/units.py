@@ -72,6 +72,11 @@ class Unit:
     workdir: str
     env: dict[str, str]
     memory_max: int | None = None
+    tasks_max: int | None = None
+    # The tenant's uid and gid: the unit then runs sandboxed (``User=``, ``Group=``,
+    # ``NoNewPrivileges=yes``, ``ProtectSystem=strict``, ``ReadWritePaths=`` its folder, ``PrivateTmp=yes``).
+    user: int | None = None
+    group: int | None = None
     restart: str = "on-failure"
     restart_sec: float = 1.0
     restart_max_delay: float = 30.0
@@ -137,15 +142,27 @@ def _seconds(value: float, what: str) -> str:
     return text or "0"
 
 
-def resolve_executable(argv0: str, workdir: str) -> str:
-    """argv[0] as an absolute, normalized path: a bare name via PATH, a relative one against workdir."""
+SYSTEM_PATH = "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin"
+
+
+def instance_path(workdir: str) -> str:
+    """An instance's ``PATH``: a virtualenv the app ships (``.venv/`` or ``venv/``), its ``bin/``, then the
+    host's system folders. Never the control plane's own (its virtualenv is not the app's)."""
+    own = [os.path.join(workdir, d) for d in (".venv/bin", "venv/bin", "bin")]
+    return ":".join([*own, SYSTEM_PATH])
+
+
+def resolve_executable(argv0: str, workdir: str, path: str | None = None) -> str:
+    """argv[0] as an absolute, normalized path: a bare name on ``path`` (the instance's PATH), a relative
+    one against workdir."""
     check_value(argv0, "the command")
     if not argv0 or MARK in argv0:
         raise ValueError("the command's first word must be a program, not empty or a reference")
     if "/" not in argv0:
-        found = shutil.which(argv0)
+        path = path or instance_path(workdir)
+        found = shutil.which(argv0, path=path)
         if not found:
-            raise ValueError(f"command {argv0!r} not found on PATH")
+            raise ValueError(f"command {argv0!r} not found on the instance's PATH ({path})")
         path = os.path.abspath(found)
     else:
         path = os.path.normpath(os.path.join(workdir, argv0))
@@ -177,7 +194,7 @@ def render(unit: Unit) -> str:
         ref(var)  # validates the name
     allowed = set(PLATFORM_VARS) | set(unit.vars)
 
-    argv0 = resolve_executable(unit.argv[0], unit.workdir)
+    argv0 = resolve_executable(unit.argv[0], unit.workdir, unit.env.get("PATH"))
     words = [_quote_word(argv0, set(), "the command")]
     words += [_quote_word(w, allowed, f"argument {i}") for i, w in enumerate(unit.argv[1:], 1)]
 
@@ -203,6 +220,18 @@ def render(unit: Unit) -> str:
         if isinstance(unit.memory_max, bool) or not isinstance(unit.memory_max, int) or unit.memory_max <= 0:
             raise ValueError(f"memory limit must be a positive number of bytes, not {unit.memory_max!r}")
         lines.append(f"MemoryMax={unit.memory_max}")
+    if unit.tasks_max is not None:
+        lines.append(f"TasksMax={_positive(unit.tasks_max, 'tasks limit')}")
+    if unit.user is not None or unit.group is not None:
+        uid, gid = _positive(unit.user, "User="), _positive(unit.group, "Group=")
+        lines += [
+            f"User={uid}",
+            f"Group={gid}",
+            "NoNewPrivileges=yes",
+            "ProtectSystem=strict",
+            f"ReadWritePaths={workdir}",
+            "PrivateTmp=yes",
+        ]
     lines += [
         f"Restart={unit.restart}",
         f"RestartSec={_seconds(unit.restart_sec, 'restart delay')}",
@@ -216,6 +245,12 @@ def render(unit: Unit) -> str:
     if any(len(line) >= LINE_MAX for line in lines):
         raise ValueError(f"a unit line is longer than systemd reads ({LINE_MAX} characters)")
     return "\n".join(lines)
+
+
+def _positive(value: int | None, what: str) -> int:
+    if isinstance(value, bool) or not isinstance(value, int) or value <= 0:
+        raise ValueError(f"{what} must be a whole number above 0, not {value!r}")
+    return value
 
 
 def _limit_interval(unit: Unit) -> float:
@@ -445,6 +480,11 @@ def parse(text: str, name: str | None = None) -> Unit:
                 values["env"][k] = v
         elif section == "Service" and key == "MemoryMax":
             values["memory_max"] = parse_bytes(value)
+        elif section == "Service" and key in ("TasksMax", "User", "Group"):
+            field_ = {"TasksMax": "tasks_max", "User": "user", "Group": "group"}[key]
+            if not value.isdigit() or int(value) <= 0:
+                raise ValueError(f"{where}{value} is not supported (a number above 0)")
+            values[field_] = int(value)
         elif section == "Service" and key == "Restart":
             if value not in RESTARTS:
                 raise ValueError(f"Restart={value} is not supported (use one of {', '.join(RESTARTS)})")

@@ -13,7 +13,7 @@ import dramatiq
 from aiohttp import web
 
 from ..config import Settings
-from ..errors import BadRequest, Forbidden, NotFound
+from ..errors import AppError, BadRequest, Forbidden, NotFound
 from ..http import json_object
 from ..jobs.broker import QUEUE
 from ..jobs.records import JobState
@@ -158,6 +158,15 @@ async def cat_app(request: web.Request) -> web.Response:
     return web.json_response({"app": app, "file": spec.filename, "text": spec.text})
 
 
+def _valid(spec: profile.AppSpec) -> None:
+    """A launch of an app whose profile can't run (``memory: 99999999t``) is a bad request now, not a
+    job that fails later."""
+    try:
+        profile.validate(spec)
+    except AppError as e:
+        raise BadRequest(e.message) from None
+
+
 def _launch_params(data: dict, spec: profile.AppSpec) -> dict:
     params = data.get("params", {})
     if isinstance(params, str):  # the seed's para_str
@@ -175,6 +184,7 @@ async def start_common(request: web.Request) -> web.Response:
     spec = apps.spec(settings, user, app)
     if spec.kind != "common":
         raise BadRequest(f"app {app!r} is an MPI app: use start_mpi")
+    _valid(spec)
     params = _launch_params(data, spec)
     count = data.get("count")
     if count is not None and (
@@ -192,6 +202,7 @@ async def start_mpi(request: web.Request) -> web.Response:
     spec = apps.spec(settings, user, app)
     if spec.kind != "mpi":
         raise BadRequest(f"app {app!r} has no mpi.xml: use start_common")
+    _valid(spec)
     params = _launch_params(data, spec)
     return await enqueue(request, "start_mpi", user, {"user": user, "app": app, "params": params})
 

@@ -181,6 +181,9 @@ def cmd_remote(args) -> int:
 def cmd_local(args) -> int:
     """The platform's own processes. Their modules are imported here, not at the top: the remote
     operations (``nap get_port``) start without loading aiohttp's server, dramatiq or the engines."""
+    # What the platform writes is its own: job staging, copies before they are given to their tenant,
+    # journals, state (its children inherit this).
+    os.umask(0o077)
     settings = Settings.from_env()
     if args.op == "api":
         from ..api.app import serve

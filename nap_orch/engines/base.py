@@ -12,6 +12,8 @@ from dataclasses import asdict, dataclass, field
 
 # Instance states, as users see them.
 STARTING, RUNNING, EXITED, FAILED, STOPPED = "starting", "running", "exited", "failed", "stopped"
+OOM = "oom"  # failed for good, its last run killed for memory (the unit's MemoryMax)
+ENDED = frozenset({EXITED, FAILED, OOM, STOPPED})  # nothing runs, nor will until someone starts it
 
 
 @dataclass

@@ -42,7 +42,7 @@ def claim_socket(path: str) -> None:
 
 @asynccontextmanager
 async def serving(app: web.Application, path: str, shutdown_timeout: float = 2.0) -> AsyncIterator[None]:
-    """``app`` on the unix socket ``path`` (mode 0660) for the duration of the block."""
+    """``app`` on the unix socket ``path`` (mode 0600: the platform's alone) for the duration of the block."""
     runner = web.AppRunner(app, access_log=None, handle_signals=False, shutdown_timeout=shutdown_timeout)
     claim_socket(path)
     await runner.setup()
@@ -50,7 +50,7 @@ async def serving(app: web.Application, path: str, shutdown_timeout: float = 2.0
     try:
         await web.UnixSite(runner, path).start()
         listening = True
-        os.chmod(path, 0o660)
+        os.chmod(path, 0o600)
         yield
     finally:
         await runner.cleanup()

@@ -11,7 +11,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from ..units import Unit
-from .base import EXITED, FAILED, STARTING
+from .base import EXITED, FAILED, OOM, STARTING
 
 
 @dataclass(frozen=True)
@@ -22,6 +22,7 @@ class Exit:
     code: int | None
     clean: bool
     what: str
+    oom: bool = False  # killed for memory: a failure, and the state says so once it is final
 
 
 @dataclass(frozen=True)
@@ -43,10 +44,11 @@ def decide(unit: Unit | None, exit: Exit, started_at: float | None, failures: in
         failures = 0
     policy = unit.restart if unit is not None else "no"
     restart = policy == "always" or (policy == "on-failure" and not exit.clean)
+    failed = OOM if exit.oom else FAILED
     if unit is None or not restart:
-        return Decision(EXITED if exit.clean else FAILED, failures, None, exit.what)
+        return Decision(EXITED if exit.clean else failed, failures, None, exit.what)
     if failures >= unit.restart_limit:
-        return Decision(FAILED, failures, None, f"{exit.what}; gave up after {failures} restarts in a row")
+        return Decision(failed, failures, None, f"{exit.what}; gave up after {failures} restarts in a row")
     failures += 1
     delay = unit.restart_delay(failures)
     return Decision(

@@ -79,11 +79,17 @@ def parse_fields(text: str) -> dict[str, str]:
     return fields
 
 
+MEMORY_MIN, MEMORY_MAX = 1024**2, 1024**5  # 1m .. 1024t: what a cgroup limit (and Slurm's --mem) holds
+
+
 def parse_memory(raw: str) -> int:
     m = MEMORY_RE.fullmatch(raw)
     if not m:
-        raise AppError(f"memory: {raw!r} is not a size like 256m or 1g")
-    return int(m[1]) * UNITS[m[2].lower()]
+        raise AppError(f"memory: {raw[:40]!r} is not a size like 256m or 1g")
+    value = int(m[1]) * UNITS[m[2].lower()]
+    if not MEMORY_MIN <= value <= MEMORY_MAX:
+        raise AppError(f"memory: {raw[:40]!r} is out of range (from 1m to 1024t)")
+    return value
 
 
 def load(app_dir: Path) -> AppSpec:

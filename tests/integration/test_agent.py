@@ -59,7 +59,9 @@ class Agent:
 
 def start_agent(home: Path) -> tuple[subprocess.Popen, Path]:
     log = home / f"agent-{time.monotonic_ns()}.log"
-    env = {**os.environ, "NAP_HOME": str(home)}
+    # The supervisor's own mechanics, with units of the tests' own folders: unsandboxed. The sandboxed
+    # path (tenant uids, control groups) runs in every stack test and in test_isolation.py.
+    env = {**os.environ, "NAP_HOME": str(home), "NAP_SANDBOX": "off"}
     with open(log, "wb") as f:
         proc = subprocess.Popen(
             [sys.executable, "-m", "nap_orch", "agent"], env=env, stdout=f, stderr=subprocess.STDOUT
@@ -94,7 +96,7 @@ async def wait_ready(engine: LocalEngine, proc: subprocess.Popen, log: Path) -> 
 
 async def open_agent(home: Path) -> Agent:
     proc, log = start_agent(home)
-    engine = LocalEngine(Settings(home=home))
+    engine = LocalEngine(Settings(home=home, sandbox=False))
     await engine.open()
     await wait_ready(engine, proc, log)
     return Agent(home, proc, engine, log)

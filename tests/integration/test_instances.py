@@ -274,7 +274,7 @@ def test_agent_killed_instances_survive_and_are_adopted(stack, user, file_server
     for inst, pid in pids.items():
         if inst != victim:
             assert client.get(f"/v1/instances/{inst}")["pid"] == pid
-    procs = stack.instance_pids(f"{name}_sturdy_")
+    procs = stack.instance_pids(f"{name}_sturdy_", programs=True)
     assert len(procs) == 3  # no duplicates, none lost
     assert st["port"]["port"] == job["result"]["instances"][0]["port"]  # same unit, same port
 

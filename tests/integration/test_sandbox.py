@@ -7,9 +7,11 @@ import os
 import shutil
 import subprocess
 import time
+import uuid
 
 import pytest
 
+from nap_orch.engines.local.cgroups import Hierarchy, Limits
 from nap_orch.engines.local.sandbox import Sandbox
 
 TENANT = 31337
@@ -131,3 +133,38 @@ def test_block_fd_holds_the_sandbox_until_released(home):
 def test_a_sandbox_never_runs_as_root():
     with pytest.raises(ValueError, match="never as root"):
         Sandbox(0, 0, "/tmp").argv(["/bin/true"])
+
+
+def test_a_blocked_sandbox_joined_as_a_tree_runs_wholly_in_its_group(home):
+    hierarchy = Hierarchy.detect("test-" + uuid.uuid4().hex[:8])
+    if hierarchy is None:
+        pytest.skip("no writable cgroup hierarchy here")
+    group = hierarchy.group("alice_web_common@1").create(Limits(tasks=64))
+    mine = home / "apps" / "alice" / "alice_web_1"
+    read, write = os.pipe()
+    script = "setsid sleep 300 & (sh -c 'sleep 300 & exit 0') & echo up > mark; exec sleep 300"
+    proc = subprocess.Popen(
+        Sandbox(TENANT, TENANT, str(mine)).argv(["/bin/sh", "-c", script], block_fd=read), pass_fds=(read,)
+    )
+    os.close(read)
+    try:
+        time.sleep(0.3)  # bubblewrap has cloned its (blocked) sandbox by now, outside the group
+        group.join_tree(proc.pid)
+        os.write(write, b"1")
+        deadline = time.monotonic() + 20
+        while not (mine / "mark").exists() and time.monotonic() < deadline:
+            time.sleep(0.05)
+        time.sleep(0.3)
+        # setpriv+bwrap, bwrap's sandbox, its pid 1, sh (now sleep), and two escapers at least
+        pids = group.pids()
+        assert len(pids) >= 5, pids
+        assert proc.pid in pids
+        assert group.kill() and not group.pids()
+        assert proc.wait(10) != 0
+    finally:
+        os.close(write)
+        if proc.poll() is None:
+            proc.kill()
+        group.remove()
+        for base in hierarchy.bases:
+            base.rmdir()

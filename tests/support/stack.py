@@ -21,12 +21,30 @@ from nap_orch.cli.client import Client
 from .services import free_port
 
 
+def _comm(pid: str) -> str:
+    try:
+        with open(f"/proc/{pid}/comm") as f:
+            return f.read().strip()
+    except OSError:
+        return ""
+
+
+def passable(folder: Path) -> None:
+    """Let other users pass through ``folder`` and the folders above it (pytest makes them 0700): the
+    sandbox binds an instance's folder as its tenant's uid, which must reach it."""
+    for f in [folder, *folder.parents]:
+        if str(f) in ("/", "/tmp"):
+            break
+        f.chmod(f.stat().st_mode & 0o777 | 0o711)
+
+
 class NapStack:
     def __init__(
         self, home: Path, redis_url: str, etcd: str = "", engine: str = "local", extra_env: dict | None = None
     ):
         self.home = Path(home)
         self.home.mkdir(parents=True, exist_ok=True)
+        passable(self.home)
         self.api_port = free_port()
         self.admin_token = "admin-" + uuid.uuid4().hex
         self.namespace = "t" + uuid.uuid4().hex[:10]
@@ -108,9 +126,10 @@ class NapStack:
             self.kill(name, signal.SIGTERM) if name != "worker" else self.kill(name, signal.SIGKILL)
         self.kill_instances()
 
-    def instance_pids(self, marker: str = "") -> list[int]:
+    def instance_pids(self, marker: str = "", programs: bool = False) -> list[int]:
         """Processes running in this stack's instance folders (instances outlive the agent by design),
-        optionally only those whose folder's path contains ``marker`` (``alice_web_``)."""
+        optionally only those whose folder's path contains ``marker`` (``alice_web_``); with
+        ``programs``, only the instances' programs (not the sandboxes' own bubblewrap processes)."""
         root = str(self.home / "apps")
         pids = []
         for entry in os.listdir("/proc"):
@@ -120,6 +139,8 @@ class NapStack:
                 except OSError:  # gone meanwhile
                     continue
                 if cwd.startswith(root) and marker in cwd:
+                    if programs and _comm(entry) == "bwrap":
+                        continue
                     pids.append(int(entry))
         return pids
 

@@ -24,9 +24,18 @@ def test_parameters_are_the_users_words_in_first_seen_order():
     assert s.parameters == ["b", "a", "c-d"]
 
 
-@pytest.mark.parametrize(("raw", "size"), [("100", 100), ("64k", 64 * 1024), ("2G", 2 * 1024**3), ("1 mib", 1024**2)])
+@pytest.mark.parametrize(
+    ("raw", "size"),
+    [("1048576", 1024**2), ("4096k", 4 * 1024**2), ("2G", 2 * 1024**3), ("1 mib", 1024**2), ("1024t", 1024**5)],
+)
 def test_memory_sizes(raw, size):
     assert profile.parse_memory(raw) == size
+
+
+@pytest.mark.parametrize("raw", ["99999999t", "1025t", "100", "64k", "0", "0m"])
+def test_memory_sizes_a_limit_cannot_hold_are_refused(raw):
+    with pytest.raises(AppError, match="out of range"):
+        profile.parse_memory(raw)
 
 
 @pytest.mark.parametrize("raw", ["lots", "-1m", "1.5g", "12q"])

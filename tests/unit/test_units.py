@@ -1,5 +1,6 @@
 """Units: rendered for systemd (checked by ``systemd-analyze verify``), parsed back exactly."""
 
+import shutil
 import sys
 
 import pytest
@@ -141,7 +142,8 @@ def test_bad_environment_names_are_refused(key):
 
 
 def test_command_is_resolved_to_an_absolute_executable(tmp_path):
-    assert parse(render(make(argv=["sh", "-c", "true"]))).argv[0] == units.resolve_executable("sh", "/")
+    unit = make(argv=["sh", "-c", "true"])
+    assert parse(render(unit)).argv[0] == units.resolve_executable("sh", unit.workdir)
     script = tmp_path / "bin" / "run"
     script.parent.mkdir()
     script.write_text("#!/bin/sh\n")
@@ -192,3 +194,20 @@ def test_parse_refuses_what_it_cannot_run_exactly():
         parse(base.replace('"--port=${PORT}"', '"open'))
     with pytest.raises(ValueError, match="ExecStart"):
         parse("[Unit]\nDescription=x\n[Service]\nRestart=no\n")
+
+
+def test_a_bare_command_is_found_on_the_instance_path_not_the_control_planes(tmp_path):
+    # the app's own virtualenv first, then the host's system folders; never nap's interpreter
+    assert units.resolve_executable("python3", str(tmp_path)) == shutil.which("python3", path=units.SYSTEM_PATH)
+    venv = tmp_path / ".venv" / "bin"
+    venv.mkdir(parents=True)
+    (venv / "python3").write_text("#!/bin/sh\n")
+    (venv / "python3").chmod(0o755)
+    assert units.resolve_executable("python3", str(tmp_path)) == str(venv / "python3")
+    assert units.instance_path(str(tmp_path)).split(":")[:3] == [
+        f"{tmp_path}/.venv/bin",
+        f"{tmp_path}/venv/bin",
+        f"{tmp_path}/bin",
+    ]
+    with pytest.raises(ValueError, match="not found on the instance's PATH"):
+        units.resolve_executable("no-such-program-here", str(tmp_path))

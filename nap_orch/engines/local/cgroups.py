@@ -64,6 +64,17 @@ def _pids(path: Path) -> list[int]:
         return []
 
 
+def _children(pid: int) -> list[int]:
+    out: list[int] = []
+    try:
+        for tid in os.listdir(f"/proc/{pid}/task"):
+            with open(f"/proc/{pid}/task/{tid}/children") as f:
+                out += [int(c) for c in f.read().split()]
+    except FileNotFoundError:  # gone: nothing of it to move
+        pass
+    return out
+
+
 def _field(text: str, key: str) -> int:
     """``key N`` from a flat-keyed cgroup file (``memory.events``, ``memory.oom_control``)."""
     for line in text.splitlines():
@@ -120,6 +131,14 @@ class Group:
         """Move ``pid`` (and so everything it starts from now on) into the group."""
         for d in self.dirs:
             _write(d / "cgroup.procs", str(pid))
+
+    def join_tree(self, pid: int) -> None:
+        """Move ``pid`` and every process it has started so far into the group. bubblewrap clones its
+        sandbox before it waits on ``--block-fd``: that child exists already (blocked) and would stay
+        outside. A fork either ends before the move (the child is listed then) or inherits the group."""
+        self.join(pid)
+        for child in _children(pid):
+            self.join_tree(child)
 
     def pids(self) -> list[int]:
         """The processes in the group now."""

@@ -24,6 +24,13 @@ time), learns of their exit through a pidfd, and starts again those that died wh
 Journal lines: ``2025-11-26T04:12:33.123Z stdout[4242]: text`` (``stderr[...]`` for stderr, and
 ``nap: ...`` for the agent's own events). Lines read late (the agent was down) carry the catch-up time.
 
+Every instance runs sandboxed (``sandbox.py``) as its unit's ``User=``, in a control group of its own
+(``cgroups.py``) that holds its ``MemoryMax=`` and ``TasksMax=`` over its whole process tree: stopping
+it signals every process of its group, and a process the kernel kills for memory stops the instance
+(as systemd's ``OOMPolicy=stop``), whose state is ``oom`` once it is given up. In the sandbox a death
+by signal N is seen as exit code 128+N (bubblewrap's). Without a usable sandbox the agent refuses to
+start instances, unless ``NAP_SANDBOX=off`` says to run them as its own user, unisolated.
+
 Its HTTP API on the agent socket is in ``http.py``.
 """
 
@@ -43,15 +50,17 @@ from pathlib import Path
 
 from ... import units
 from ...config import Settings
-from ...errors import BadRequest, Conflict, NotFound
+from ...errors import BadRequest, Conflict, EngineError, NotFound
 from ...names import is_unit_name
-from ..base import EXITED, FAILED, RUNNING, STARTING, STOPPED, InstanceStatus
+from ..base import ENDED, RUNNING, STARTING, STOPPED, InstanceStatus
 from ..files import FilePool
 from ..journal import event_line, last_lines, timestamp
 from ..restarts import Exit, decide
+from .cgroups import CgroupError, Group, Limits
 from .linux import Inotify, punch_hole
 from .proc import EXIT_CHDIR, EXIT_EXEC, describe_exit, exit_of, is_alive, proc_stat
 from .records import Record, read_record, write_record
+from .sandbox import Isolation, prepare
 
 log = logging.getLogger("nap.agent")
 
@@ -85,6 +94,8 @@ class Instance:
         self.err_off = 0
         self.jsize = 0
         self.output_pid: int | None = None  # whose output the raw files hold
+        self.group: Group | None = None  # its control group, when sandboxed
+        self.oom_seen = 0  # the group's OOM kills counted before the current process started
 
     @property
     def alive(self) -> bool:
@@ -93,7 +104,7 @@ class Instance:
     @property
     def finished(self) -> bool:
         """Stopped, exited or failed for good: nothing more will run until someone starts it."""
-        return not self.alive and self.restart_timer is None and self.record.state in (EXITED, FAILED, STOPPED)
+        return not self.alive and self.restart_timer is None and self.record.state in ENDED
 
 
 def lock(directory: Path) -> int:
@@ -145,6 +156,22 @@ class Supervisor:
         self.sweeper: asyncio.Task[None] | None = None
         self.tail_dirty = False
         self.tail_seq = 0
+        # What runs instances sandboxed, or why nothing can (then no instance starts): ``NAP_SANDBOX=off``
+        # alone runs them unisolated.
+        self.isolation: Isolation | None = None
+        self.unavailable = ""
+        if settings.sandbox:
+            self.isolation, self.unavailable = prepare(settings.namespace, str(settings.home))
+            for d in (self.dir, settings.home / "services"):
+                d.mkdir(parents=True, exist_ok=True)
+                os.chmod(d, 0o700)  # the platform's alone
+            if self.unavailable:
+                log.error("cannot sandbox instances, so none will start: %s", self.unavailable)
+        else:
+            log.warning(
+                "NAP_SANDBOX=off: instances run as the agent's own user, unsandboxed and without cgroup "
+                "limits; tenants are NOT isolated from each other or from the platform (development only)"
+            )
 
     # -- lifecycle --------------------------------------------------------------------------
 
@@ -242,6 +269,7 @@ class Supervisor:
             except (FileNotFoundError, ValueError, TypeError):
                 record = Record()  # installed, never spawned: it should run
             inst = Instance(name, text, unit, record, paths)
+            self._place(inst)
             self.instances[name] = inst
             out_off, err_off, jsize = tail.get(name, (0, 0, None))
             inst.out_off, inst.err_off = out_off, err_off
@@ -292,6 +320,26 @@ class Supervisor:
                 record.restarts += 1  # it was waiting for a restart
             self._spawn(inst)
 
+    def _place(self, inst: Instance) -> None:
+        """The instance's control group, where it runs sandboxed (its unit says whose it is)."""
+        if self.isolation is not None and inst.unit.user is not None:
+            inst.group = self.isolation.hierarchy.group(inst.name)
+            if inst.group.exists:
+                inst.oom_seen = inst.group.oom_kills()
+
+    def _check_runnable(self, unit: units.Unit) -> None:
+        """Refuse what can't run as the settings say: anything while the sandbox is unavailable, and a
+        unit without its tenant's ``User=`` while it is on."""
+        if not self.settings.sandbox:
+            return
+        if self.isolation is None:
+            raise EngineError(
+                f"the nap agent cannot sandbox instances here: {self.unavailable}. Fix that, or set "
+                "NAP_SANDBOX=off to run instances unisolated (development only: tenants are not isolated)"
+            )
+        if unit.user is None or unit.group is None:
+            raise BadRequest(f"{unit.name}: the unit has no User= and Group= (the tenant it runs as)")
+
     def _adopt(self, inst: Instance) -> None:
         pid = inst.record.pid
         assert pid is not None  # adopted because it is alive
@@ -322,7 +370,16 @@ class Supervisor:
         err = os.open(paths["err"], flags, 0o640)
         inst.out_off = inst.err_off = 0
         self.tail_dirty = True
+        group, block = inst.group, None
         try:
+            if group is not None:
+                assert self.isolation is not None and unit.user is not None and unit.group is not None
+                group.create(Limits(unit.memory_max, unit.tasks_max))
+                self._empty(group)  # a left-over of an earlier run (say, from before an agent crash)
+                inst.oom_seen = group.oom_kills()
+                # The sandbox waits on this pipe until the agent has put it into the group.
+                block = os.pipe()
+                argv = self.isolation.sandbox(unit.user, unit.group, unit.workdir).argv(argv, block_fd=block[0])
             # vfork-fast: no preexec_fn; close_fds isn't needed (Python opens every fd close-on-exec)
             popen = subprocess.Popen(
                 argv,
@@ -332,20 +389,35 @@ class Supervisor:
                 stdout=out,
                 stderr=err,
                 start_new_session=True,
-                close_fds=False,
+                close_fds=block is not None,  # True only to pass the pipe (pass_fds implies it)
+                pass_fds=block[:1] if block else (),
             )
-        except OSError as e:
-            code = EXIT_CHDIR if e.filename == unit.workdir else EXIT_EXEC
+            if group is not None and block is not None:
+                try:
+                    group.join_tree(popen.pid)
+                except CgroupError:
+                    os.kill(popen.pid, signal.SIGKILL)  # still blocked: nothing of the tenant's ran
+                    raise
+                os.write(block[1], b"1")
+        except (OSError, ValueError) as e:
+            if isinstance(e, CgroupError):
+                code, error = EXIT_EXEC, f"failed to start: cannot apply its limits: {e.strerror or e}"
+            elif isinstance(e, OSError):
+                code = EXIT_CHDIR if e.filename == unit.workdir else EXIT_EXEC
+                error = f"failed to start: {e.strerror or e}: {e.filename or argv[0]}"
+            else:
+                code, error = EXIT_EXEC, f"failed to start: {e}"
             record.started_at = time.time()
-            error = f"failed to start: {e.strerror or e}: {e.filename or argv[0]}"
             self._after_exit(inst, exit_of(code, None, spawn_error=error))
             self._save(inst)
             return
         finally:
             os.close(out)
             os.close(err)
+            for fd in block or ():
+                os.close(fd)
         pid = popen.pid
-        if unit.memory_max:
+        if unit.memory_max and group is None:
             try:
                 resource.prlimit(pid, resource.RLIMIT_AS, (unit.memory_max, unit.memory_max))
             except (ProcessLookupError, PermissionError, ValueError) as e:
@@ -415,18 +487,42 @@ class Supervisor:
         self._exited(inst, None, None)
         self._save_tail()
 
+    @staticmethod
+    def _empty(group: Group) -> None:
+        """Nothing of an instance outlives its main process (a pid namespace mostly sees to that)."""
+        try:
+            if group.pids() and not group.kill(timeout=2.0):
+                log.error("%s: processes %s survived SIGKILL", group.name, group.pids())
+        except OSError as e:
+            log.error("%s: cannot empty its group: %s", group.name, e)
+
+    def _oom_kills(self, inst: Instance) -> int:
+        """The kernel's OOM kills in the instance's group since its current process started."""
+        if inst.group is None:
+            return 0
+        try:
+            return inst.group.oom_kills() - inst.oom_seen
+        except OSError:
+            return 0
+
     def _exited(self, inst: Instance, code: int | None, signo: int | None) -> None:
         """The instance's main process is gone (``code`` None: unknown, it was not our child)."""
         record = inst.record
         self._drain(inst, final=True)
         record.pid = record.starttime = None
         inst.polled = False
+        if inst.group is not None:
+            self._empty(inst.group)
         if record.desired == STOPPED:
             record.exit_code = code
             self._set(inst, STOPPED, "stopped")
             self._event(inst, f"{describe_exit(code, signo)}: stopped")
         else:
-            self._after_exit(inst, exit_of(code, signo))
+            exit = exit_of(code, signo)
+            if self._oom_kills(inst):
+                what = f"killed for memory: over its MemoryMax={inst.unit.memory_max} ({exit.what})"
+                exit = Exit(exit.code, False, what, oom=True)
+            self._after_exit(inst, exit)
         self._save(inst)
         waiters, inst.exit_waiters = inst.exit_waiters, []
         for fut in waiters:
@@ -455,9 +551,22 @@ class Supervisor:
         self._save_tail()
 
     def _signal(self, inst: Instance, sig: int) -> None:
-        """Signal the instance's process group, if its main process is still the one we started."""
+        """Signal the instance: every process of its group (a ``setsid`` child too) but the sandbox's
+        own, which passes on how the program ended; unsandboxed, its process group. Only while its main
+        process is still the one we started."""
         pid = inst.record.pid
         if pid is None or (inst.popen is None and not is_alive(pid, inst.record.starttime)):
+            return
+        if inst.group is not None:
+            if sig == signal.SIGKILL:
+                self._empty(inst.group)
+                return
+            for other in inst.group.pids():
+                if other != pid:
+                    try:
+                        os.kill(other, sig)
+                    except ProcessLookupError:
+                        pass
             return
         try:
             os.killpg(pid, sig)
@@ -574,6 +683,10 @@ class Supervisor:
                         self._exited(inst, None, None)
                     elif inst.alive:
                         self._drain(inst)
+                        if inst.unit.memory_max and inst.stop_task is None and self._oom_kills(inst):
+                            # systemd's OOMPolicy=stop: the instance goes whole (and restarts by its policy)
+                            self._event(inst, f"a process was killed for memory (MemoryMax={inst.unit.memory_max})")
+                            self._signal(inst, signal.SIGKILL)
                 self._save_tail()
             except Exception:  # keep supervising whatever one instance did
                 log.exception("sweep failed")
@@ -634,9 +747,11 @@ class Supervisor:
             if not isinstance(text, str):
                 raise BadRequest(f"{name}: the unit text must be a string")
             try:
-                batch.append((name, text, units.parse(text, name)))
+                unit = units.parse(text, name)
             except ValueError as e:
                 raise BadRequest(f"{name}: {e}") from None
+            self._check_runnable(unit)
+            batch.append((name, text, unit))
         todo: list[Instance] = []
         for name, text, unit in batch:
             old = self.instances.get(name)
@@ -648,6 +763,7 @@ class Supervisor:
             for key in ("unit", "state", "out", "err", "journal"):
                 self.pool.place(paths[key])
             inst = Instance(name, text, unit, Record(), paths)
+            self._place(inst)
             self._save(inst)  # first: a crash from here on can't revive an old record's process
             write_record(paths["unit"], text.encode())
             if old is not None:  # the journal goes on; the old output is already in it
@@ -693,6 +809,7 @@ class Supervisor:
 
     async def start(self, name: str) -> dict:
         inst = self.get(name)
+        self._check_runnable(inst.unit)
         if inst.stop_task is not None:
             await asyncio.shield(inst.stop_task)
         record = inst.record
@@ -715,6 +832,11 @@ class Supervisor:
             if self.instances.get(inst.name) is not inst:
                 continue
             del self.instances[inst.name]
+            if inst.group is not None:
+                try:
+                    inst.group.remove()
+                except OSError as e:
+                    log.error("%s: cannot remove its group: %s", inst.name, e)
             for q in inst.followers:
                 q.put_nowait(None)
             for path in inst.paths.values():

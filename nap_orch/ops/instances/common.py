@@ -17,7 +17,7 @@ from ...engines.base import RUNNING, InstanceStatus, UnitSpec
 from ...engines.ports import Ports, bindable
 from ...errors import AppError, BadRequest, Exhausted
 from ...store.base import Store
-from .. import apps, profile
+from .. import apps, profile, tenants
 from ..context import Context
 from .launch import instance_dir, reserve_numbers, wait_settled, write_copy
 
@@ -50,9 +50,16 @@ def render_unit(
     user: str,
     app: str,
     host: str | None,
+    uid: int | None,
 ) -> UnitSpec:
     platform = {"instance": str(slot.n), "user": user, "app": app}
-    env = {"NAP_USER": user, "NAP_APP": app, "NAP_INSTANCE": str(slot.n)}
+    env = {
+        "PATH": units.instance_path(str(folder)),
+        "HOME": str(folder),
+        "NAP_USER": user,
+        "NAP_APP": app,
+        "NAP_INSTANCE": str(slot.n),
+    }
     if slot.port is not None:
         env["PORT"] = str(slot.port)
     if host is not None:
@@ -64,6 +71,9 @@ def render_unit(
         workdir=str(folder),
         env=env,
         memory_max=spec.memory,
+        tasks_max=settings.tasks_max,
+        user=uid,
+        group=uid,
         restart="on-failure",
         restart_limit=settings.restart_limit,
         stop_timeout=settings.stop_timeout,
@@ -97,6 +107,7 @@ async def start_common(
     if host is None:  # ports are reserved once the hosts are known: can they all get one?
         await engine.check_room(count)
 
+    uid = await tenants.uid_of(store, settings, user) if settings.sandbox else None
     numbers = await reserve_numbers(store, settings, user, app, count, owner)
     slots = [Slot(n, f"{user}_{app}_common@{n}") for n in numbers]
     submitted: list[str] = []
@@ -139,7 +150,9 @@ async def start_common(
                         "host": host or units.HOST_REF,
                     },
                 )
-                out.append(render_unit(settings, spec, s, folder, values, user, app, host))
+                if uid is not None:
+                    tenants.give(folder, uid)
+                out.append(render_unit(settings, spec, s, folder, values, user, app, host, uid))
             return out
 
         for i in range(0, len(slots), SUBMIT_BATCH):

@@ -17,12 +17,12 @@ from pathlib import Path
 
 from ... import keys
 from ...config import Settings
-from ...engines.base import EXITED, FAILED, RUNNING, STOPPED, InstanceStatus
+from ...engines.base import ENDED, RUNNING, InstanceStatus
 from ...store.base import Store
 from .. import profile
 from ..context import Context
 
-SETTLED = {RUNNING, FAILED, EXITED, STOPPED}
+SETTLED = ENDED | {RUNNING}
 
 
 def instance_dir(settings: Settings, user: str, app: str, n: int | str) -> Path:

@@ -35,6 +35,8 @@ async def instance_status(rt: Resources, inst: InstanceName) -> dict[str, Any]:
 
 async def list_instances(rt: Resources, user: str, app: str) -> list[dict[str, Any]]:
     rows = await rt.engine.instances(f"{user}_{app}_")
+    if any(InstanceName.parse(st.name).kind.mpi for st in rows):
+        await mpi.forget_ended_runs(rt, user, app)
     published = await rt.store.get_prefix(keys.PORTS_OF_APP.format(user=user, app=app))
     out = []
     for st in sorted(rows, key=lambda s: _sort_key(s.name)):

@@ -2,9 +2,12 @@
 
 A run takes the next instance number ``r`` of its app (so runs never collide, with each other or with
 common instances) and its own folder ``NAP_HOME/apps/<user>/<user>_<app>_<r>``. Units:
-``<user>_<app>_mpi_master@<r>`` and ``<user>_<app>_mpi_slave@<r>-<i>`` (i = 1..hosts). Slaves register
-under ``/services/mpi/<user>/<app>/<r>/slave<i>`` with a lease they keep alive; the master waits for all
-of them, writes the hostfile from what they registered and runs mpirun (``nap_orch.rank``).
+``<user>_<app>_mpi_master@<r>`` and ``<user>_<app>_mpi_slave@<r>-<i>`` (i = 1..hosts). They run
+``nap_orch.rank`` (copied into the folder as ``.nap-mpi/rank.py``): slaves register in the folder, the
+master waits for all of them, writes the hostfile from what they registered and runs mpirun. No unit
+carries a credential of the platform's: the launch publishes the registrations as the seed's
+``/services/mpi/<user>/<app>/<r>/slave<i>`` keys once all are in, and they are removed once the run is
+seen ended (a stop, a listing of the app's instances, the app's next run).
 """
 
 from __future__ import annotations
@@ -13,16 +16,16 @@ import asyncio
 import json
 import os
 import shutil
-import sys
+import time
 from pathlib import Path
 from typing import Any
 
-from ... import keys, units
+from ... import keys, rank, units
 from ...config import Settings
 from ...engines.base import UnitSpec
 from ...errors import AppError, BadRequest
 from ...names import InstanceName, Kind
-from .. import apps, profile
+from .. import apps, profile, tenants
 from ..context import Context, Resources
 from .launch import instance_dir, reserve_numbers, wait_settled, write_copy
 
@@ -50,9 +53,9 @@ def program_argv(spec: profile.AppSpec, folder: Path, values: dict[str, str]) ->
         if "/" in exe:
             words[0] = str(inside(folder, exe, "command") if not exe.startswith("/") else Path(exe))
         else:
-            found = shutil.which(exe)
+            found = shutil.which(exe, path=units.instance_path(str(folder)))
             if not found:
-                raise AppError(f"command: {exe!r} is not installed on this host")
+                raise AppError(f"command: {exe!r} is not installed on this host (the instance's PATH)")
             words[0] = found
     return [profile.substitute(w, values) for w in words]
 
@@ -84,20 +87,27 @@ async def build(ctx: Context, spec: profile.AppSpec, folder: Path) -> None:
     await ctx.log(f"built {target.relative_to(folder)}")
 
 
-def connection_env(settings: Settings) -> dict[str, str]:
-    """What the master and slave processes need to reach the state store."""
+RANK = f"{rank.FOLDER}/rank.py"  # the run's processes, in its folder
+
+
+def run_env(settings: Settings, folder: Path) -> dict[str, str]:
+    """The environment of the master and the slaves: no credential, only the run's settings."""
     env = {
-        "NAP_REDIS_URL": settings.redis_url,
-        "NAP_NAMESPACE": settings.namespace,
+        "PATH": units.instance_path(str(folder)),
+        "HOME": str(folder),
         "NAP_MPI_WAIT_TIMEOUT": str(settings.mpi_wait_timeout),
         "NAP_MPIRUN": settings.mpirun,
         "PYTHONUNBUFFERED": "1",
     }
-    if settings.etcd:
-        env["NAP_ETCD"] = settings.etcd
-    if os.geteuid() == 0:  # OpenMPI refuses root unless told twice
+    if not settings.sandbox and os.geteuid() == 0:  # unsandboxed as root: OpenMPI refuses unless told twice
         env.update(OMPI_ALLOW_RUN_AS_ROOT="1", OMPI_ALLOW_RUN_AS_ROOT_CONFIRM="1")
     return env
+
+
+def install_rank(folder: Path) -> None:
+    """Put the run's program (``nap_orch.rank``, standard library only) into its folder."""
+    (folder / rank.FOLDER).mkdir(exist_ok=True)
+    shutil.copyfile(rank.__file__, folder / RANK)
 
 
 def render_run(
@@ -110,21 +120,25 @@ def render_run(
     argv: list[str],
     host: str | None,
     memory: int | None,
+    uid: int | None,
 ) -> list[UnitSpec]:
-    env = connection_env(settings)
+    env = run_env(settings, folder)
     if host is not None:
         env["NAP_HOST"] = host
-    common = ["--user", user, "--app", app, "--run", str(run), "--hosts", str(hosts)]
+    common = ["--run", str(run), "--hosts", str(hosts)]
     specs = []
     master = InstanceName(user, app, Kind.MPI_MASTER, str(run))
     specs.append(
         units.Unit(
             name=master.name,
             description=f"nap MPI app {user}_{app} run {run}: master",
-            argv=[sys.executable, "-m", "nap_orch.rank", "master", *common, "--", *argv],
+            argv=["python3", RANK, "master", *common, "--", *argv],
             workdir=str(folder),
             env=env,
             memory_max=memory,
+            tasks_max=settings.tasks_max,
+            user=uid,
+            group=uid,
             restart="no",
             stop_timeout=settings.stop_timeout,
         )
@@ -135,9 +149,12 @@ def render_run(
             units.Unit(
                 name=slave.name,
                 description=f"nap MPI app {user}_{app} run {run}: slave {i}",
-                argv=[sys.executable, "-m", "nap_orch.rank", "slave", *common, "--index", str(i)],
+                argv=["python3", RANK, "slave", *common, "--index", str(i)],
                 workdir=str(folder),
                 env=env,
+                tasks_max=settings.tasks_max,
+                user=uid,
+                group=uid,
                 restart="no",
                 stop_timeout=settings.stop_timeout,
             )
@@ -162,6 +179,8 @@ async def start_mpi(ctx: Context, user: str, app: str, params: dict[str, Any]) -
     absent = profile.missing(values, spec.parameters)
     if absent:
         raise BadRequest(f"missing parameter(s): {', '.join(absent)}")
+    uid = await tenants.uid_of(store, settings, user) if settings.sandbox else None
+    await forget_ended_runs(ctx, user, app)
     [run] = await reserve_numbers(store, settings, user, app, 1, ctx.job_id)
     folder = instance_dir(settings, user, app, run)
     fill = {**values, "instance": str(run), "user": user, "app": app}
@@ -173,21 +192,20 @@ async def start_mpi(ctx: Context, user: str, app: str, params: dict[str, Any]) -
         if spec.fields.get("from"):
             await build(ctx, spec, folder)
         await ctx.check()
-        specs = render_run(settings, user, app, run, hosts, folder, argv, engine.host_for_ports(), spec.memory)
-        await store.put(
-            keys.MPI_RUN.format(user=user, app=app, run=run), json.dumps({"state": "starting", "hosts": hosts})
-        )
+        await asyncio.to_thread(install_rank, folder)
+        if uid is not None:
+            await asyncio.to_thread(tenants.give, folder, uid)
+        specs = render_run(settings, user, app, run, hosts, folder, argv, engine.host_for_ports(), spec.memory, uid)
         await engine.submit(specs)
         names = [s.name for s in specs]
         states = await wait_settled(ctx, names, len(names))
+        slaves = await publish_slaves(ctx, user, app, run, hosts, folder)
     except BaseException as e:
         await ctx.log(f"rolling back run {run}: {getattr(e, 'message', None) or type(e).__name__}")
         if names:
             await engine.remove(names)
         await asyncio.to_thread(shutil.rmtree, folder, True)
-        await store.delete_many(
-            [keys.INSTANCE.format(user=user, app=app, n=run), keys.MPI_RUN.format(user=user, app=app, run=run)]
-        )
+        await store.delete(keys.INSTANCE.format(user=user, app=app, n=run))
         await store.delete_prefix(keys.MPI.format(user=user, app=app, run=run))
         raise
     return {
@@ -196,6 +214,7 @@ async def start_mpi(ctx: Context, user: str, app: str, params: dict[str, Any]) -
         "master": names[0],
         "slaves": names[1:],
         "ranks": hosts + 1,
+        "registered": slaves,
         "folder": str(folder),
         "instances": [{"name": n, "state": states[n].state, "host": states[n].host} for n in names],
     }
@@ -216,3 +235,40 @@ async def stop_run(rt: Resources, inst: InstanceName) -> dict[str, Any]:
             result = st
     await rt.store.delete_prefix(keys.MPI.format(user=inst.user, app=inst.app, run=run))
     return (result or order[0]).to_json() if order else {"name": inst.name, "state": "stopped"}
+
+
+async def publish_slaves(ctx: Context, user: str, app: str, run: int, hosts: int, folder: Path) -> int:
+    """Publish the slaves' registrations (``.nap-mpi/slave<i>.json``) as the seed's keys once all of them
+    are in, or once the master has given up or the run has ended; how many were published."""
+    deadline = time.monotonic() + ctx.settings.mpi_wait_timeout + 5
+    there: dict[str, dict] = {}
+    while time.monotonic() < deadline:
+        there = await asyncio.to_thread(rank.registered, folder / rank.FOLDER)
+        if len(there) >= hosts or (folder / rank.FOLDER / "ended").exists():
+            break
+        await ctx.check()
+        await asyncio.sleep(0.2)
+    if (folder / rank.FOLDER / "ended").exists():
+        await ctx.log("the run ended before all of its slaves were published")
+        return 0
+    prefix = keys.MPI.format(user=user, app=app, run=run)
+    await ctx.store.put_many(
+        {prefix + name: json.dumps({"host": r["host"], "slots": r.get("slots", 1)}) for name, r in there.items()}
+    )
+    await ctx.log(f"{len(there)} of {hosts} slave(s) registered")
+    return len(there)
+
+
+def run_ended(settings: Settings, user: str, app: str, run: int | str) -> bool:
+    """Whether the run's master has said the run is over (or its folder is gone)."""
+    folder = instance_dir(settings, user, app, run) / rank.FOLDER
+    return not folder.parent.exists() or (folder / "ended").exists()
+
+
+async def forget_ended_runs(rt: Resources, user: str, app: str) -> None:
+    """Remove the ``/services/mpi`` keys of the app's runs that have ended: the slaves have left."""
+    found = await rt.store.get_prefix(keys.MPI_OF_APP.format(user=user, app=app))
+    runs = {key[len(keys.MPI_OF_APP.format(user=user, app=app)) :].split("/", 1)[0] for key in found}
+    for run in runs:
+        if run.isdigit() and await asyncio.to_thread(run_ended, rt.settings, user, app, run):
+            await rt.store.delete_prefix(keys.MPI.format(user=user, app=app, run=run))

@@ -1,0 +1,275 @@
+"""Tenant isolation at runtime, attacked from real tenant instances on the local engine.
+
+Each attack runs from an ordinary app of an ordinary user. On the sandboxed stack (the default) every
+attack must fail; on a stack with ``NAP_SANDBOX=off`` the same probe shows the attack working, which
+proves the probe can tell.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import shutil
+import uuid
+
+import pytest
+
+from nap_orch.cli.client import ApiError
+from tests.support.fixtures import LIMITS
+from tests.support.flows import deployed, start, wait_instance, wait_until
+from tests.support.stack import NapStack
+
+pytestmark = pytest.mark.skipif(
+    os.geteuid() != 0 or not shutil.which("bwrap") or not shutil.which("setpriv"),
+    reason="the sandbox needs root, bubblewrap and setpriv",
+)
+
+# What a hostile tenant tries, one line each: "probe <name>: WORKED|refused".
+PROBE_SH = r"""#!/bin/sh
+home="$1"; agent="$2"; victim_pid="$3"; victim_dir="$4"; token="$5"
+try() { name=$1; shift; if "$@" >/dev/null 2>&1; then echo "probe $name: WORKED"; else echo "probe $name: refused"; fi; }
+echo "probe uid $(id -u) gid $(id -g) groups $(id -G)"
+try admin_token cat "$home/admin.token"
+try agent_environ grep -q NAP_ "/proc/$agent/environ"
+try agent_socket python3 -c "import socket, sys; socket.socket(socket.AF_UNIX).connect(sys.argv[1])" "$home/agent.sock"
+try other_tenant_read ls "$victim_dir"
+try other_tenant_write touch "$victim_dir/planted"
+try other_tenant_code ls "$home/services"
+try signal_other_tenant kill -0 "$victim_pid"
+try write_nap_home touch "$home/planted"
+try write_system touch "/etc/planted-$token"
+echo "$token" > "/tmp/planted-$token" 2>/dev/null
+echo "$token" > "planted-here"
+echo probe-done
+exec sleep 100000
+"""
+PROBE = {"profile": "command: sh probe.sh {home} {agent} {pid} {dir} {token}\n", "probe.sh": PROBE_SH}
+VICTIM = {"profile": "command: sleep 100000\n"}
+ATTACKS = [
+    "admin_token",
+    "agent_environ",
+    "agent_socket",
+    "other_tenant_read",
+    "other_tenant_write",
+    "other_tenant_code",
+    "signal_other_tenant",
+    "write_nap_home",
+]
+
+
+@pytest.fixture(scope="module")
+def open_stack(tmp_path_factory, redis_server, etcd_server):
+    """The same stack with NAP_SANDBOX=off (development only): where the attacks work."""
+    s = NapStack(
+        tmp_path_factory.mktemp("nap-open"),
+        redis_server.url,
+        etcd_server.endpoint,
+        extra_env={**LIMITS, "NAP_SANDBOX": "off"},
+    )
+    s.start()
+    yield s
+    s.stop()
+
+
+def journal_text(client, name: str) -> str:
+    return "\n".join(client.lines(f"/v1/instances/{name}/journal", lines=1000))
+
+
+def wait_journal(client, name: str, pattern: str, timeout: float = 30.0) -> str:
+    found: list[str] = []
+
+    def check() -> bool:
+        text = journal_text(client, name)
+        found[:] = [text]
+        return re.search(pattern, text) is not None
+
+    try:
+        wait_until(check, timeout, f"{pattern!r} in the journal of {name}")
+    except AssertionError:
+        raise AssertionError(f"{pattern!r} never in the journal of {name}:\n{found[0] if found else ''}") from None
+    return found[0]
+
+
+def probe(stack: NapStack, file_server, tmp_path) -> tuple[dict[str, str], str, str]:
+    """Start a victim (one tenant) and the probe (another); the probe's findings, its journal, its
+    instance name."""
+    (stack.home / "admin.token").write_text("nap_admin_secret\n")  # as nap up keeps it
+    (stack.home / "admin.token").chmod(0o600)
+    _, bob = stack.add_user()
+    deployed(stack, bob, file_server, tmp_path, VICTIM, "victim")
+    victim = start(stack, bob, "victim", {})["result"]["instances"][0]
+    victim_st = bob.get(f"/v1/instances/{victim['name']}")
+    victim_dir = str(stack.home / "apps" / stack.users[-1] / f"{stack.users[-1]}_victim_{victim['n']}")
+    _, eve = stack.add_user()
+    deployed(stack, eve, file_server, tmp_path, PROBE, "probe")
+    token = uuid.uuid4().hex
+    params = {
+        "home": str(stack.home),
+        "agent": str(stack.procs["agent"].pid),
+        "pid": str(victim_st["pid"]),
+        "dir": victim_dir,
+        "token": token,
+    }
+    job = start(stack, eve, "probe", params)
+    assert job["state"] == "succeeded", job
+    name = job["result"]["instances"][0]["name"]
+    text = wait_journal(eve, name, "probe-done")
+    found = dict(re.findall(r"probe (\w+): (WORKED|refused)", text))
+    found["token"] = token
+    return found, text, name
+
+
+def test_a_tenant_instance_reaches_nothing_of_the_platform_or_other_tenants(stack, file_server, tmp_path):
+    found, text, name = probe(stack, file_server, tmp_path)
+    for attack in ATTACKS:
+        assert found.get(attack) == "refused", f"{attack}: {found.get(attack)}\n{text}"
+    assert found["write_system"] == "refused"
+    # it runs as its tenant's own uid and gid, in the range, with no other group
+    uid, gid, groups = map(int, re.search(r"probe uid (\d+) gid (\d+) groups (\d+)", text).groups())
+    assert uid == gid == groups and 200000 <= uid <= 299999
+    # its /tmp is its own; its folder is the one place it wrote, and it owns it
+    token = found["token"]
+    assert not os.path.exists(f"/tmp/planted-{token}")
+    folder = stack.home / "apps" / stack.users[-1] / name.replace("_common@", "_")
+    assert (folder / "planted-here").read_text().strip() == token
+    assert (folder / "planted-here").stat().st_uid == uid and folder.stat().st_uid == uid
+    assert oct(folder.stat().st_mode & 0o777) == oct(0o700)
+    assert not (stack.home / "planted").exists()
+
+
+def test_two_tenants_run_as_two_uids(stack, file_server, tmp_path):
+    uids = []
+    for _ in range(2):
+        _, client = stack.add_user()
+        deployed(
+            stack, client, file_server, tmp_path, {"profile": "command: sh -c 'id -u; exec sleep 100000'\n"}, "who"
+        )
+        name = start(stack, client, "who", {})["result"]["instances"][0]["name"]
+        uids.append(int(re.search(r"stdout\[\d+\]: (\d+)", wait_journal(client, name, r"stdout\[\d+\]: \d+"))[1]))
+    assert uids[0] != uids[1] and all(u >= 200000 for u in uids)
+
+
+def test_without_the_sandbox_the_same_attacks_work(open_stack, file_server, tmp_path):
+    found, text, _ = probe(open_stack, file_server, tmp_path)
+    for attack in ("admin_token", "agent_environ", "agent_socket", "other_tenant_read", "signal_other_tenant"):
+        assert found.get(attack) == "WORKED", f"{attack}: {found.get(attack)}\n{text}"
+    assert "NAP_SANDBOX=off" in open_stack.log("agent")  # and the agent said so, loudly
+
+
+def host_processes(marker: str) -> list[int]:
+    """Processes on this host whose command line holds ``marker``."""
+    found = []
+    for entry in os.listdir("/proc"):
+        if entry.isdigit():
+            try:
+                with open(f"/proc/{entry}/cmdline", "rb") as f:
+                    if marker.encode() in f.read():
+                        found.append(int(entry))
+            except OSError:
+                continue
+    return found
+
+
+ESCAPER = {
+    "profile": "command: sh escape.sh {mark}\n",
+    "escape.sh": 'setsid sleep "$1" &\n(sh -c "sleep $1 & exit 0") &\necho escaped\nexec sleep 100000\n',
+}
+
+
+@pytest.mark.parametrize("sandboxed", [True, False], ids=["sandboxed", "off"])
+def test_stop_ends_every_process_of_the_instance(sandboxed, request, file_server, tmp_path):
+    s = request.getfixturevalue("stack" if sandboxed else "open_stack")
+    _, client = s.add_user()
+    deployed(s, client, file_server, tmp_path, ESCAPER, "escape")
+    mark = str(900000 + int(uuid.uuid4().int % 99999))  # sleep's argument: finds its processes
+    name = start(s, client, "escape", {"mark": mark})["result"]["instances"][0]["name"]
+    wait_journal(client, name, "escaped")
+    wait_until(lambda: len(host_processes(f"sleep\0{mark}")) == 2, 10, "both escapers")
+    client.post(f"/v1/instances/{name}/stop", {})
+    wait_instance(client, name, lambda st: st["state"] == "stopped")
+    try:
+        if sandboxed:
+            wait_until(lambda: not host_processes(f"sleep\0{mark}"), 10, "no escaper left")
+        else:
+            assert host_processes(f"sleep\0{mark}")  # setsid escaped killpg: the old hole
+    finally:
+        for pid in host_processes(f"sleep\0{mark}"):
+            os.kill(pid, 9)
+
+
+HOG = """import subprocess, sys
+kids = [subprocess.Popen([sys.executable, "-c", '''
+import sys, time
+block = bytearray(80 * 1024 * 1024)
+for i in range(0, len(block), 4096):
+    block[i] = 1
+print("holding 80 MiB", flush=True)
+time.sleep(100000)
+''']) for _ in range(3)]
+for k in kids:
+    k.wait()
+"""
+
+
+def test_memory_max_holds_for_the_whole_process_tree(stack, file_server, tmp_path):
+    _, client = stack.add_user()
+    deployed(
+        stack,
+        client,
+        file_server,
+        tmp_path,
+        {"profile": "command: python3 hog.py\nmemory: 120m\n", "hog.py": HOG},
+        "hog",
+    )
+    resp = client.post("/v1/apps/hog/instances", {"params": {}})
+    stack.wait_job(client, resp["job"], 120)
+    name = client.get("/v1/apps/hog/instances")["instances"][0]["name"]
+    text = wait_journal(client, name, r"killed for memory", timeout=60)
+    assert text.count("holding 80 MiB") < 3 or re.search(r"holding 80 MiB(.|\n)*killed for memory", text)
+    # given up after its restarts, the state says why
+    st = wait_instance(client, name, lambda st: st["state"] in ("oom", "failed"), timeout=90)
+    assert st["state"] == "oom", st
+
+
+FORKER = """import os, time
+n = 0
+try:
+    for _ in range(2000):
+        if os.fork() == 0:
+            time.sleep(100000)
+            os._exit(0)
+        n += 1
+except OSError as e:
+    print("forks refused after", n, flush=True)
+else:
+    print("forked all", n, flush=True)
+time.sleep(100000)
+"""
+
+
+def test_tasks_max_bounds_a_fork_bomb(stack, file_server, tmp_path):
+    _, client = stack.add_user()
+    deployed(
+        stack, client, file_server, tmp_path, {"profile": "command: python3 forker.py\n", "forker.py": FORKER}, "forker"
+    )
+    name = start(stack, client, "forker", {})["result"]["instances"][0]["name"]
+    text = wait_journal(client, name, r"forks refused after \d+|forked all", timeout=60)
+    n = int(re.search(r"forks refused after (\d+)", text)[1])
+    assert 0 < n < 512  # TasksMax=512 counts the program itself too
+    client.post(f"/v1/instances/{name}/stop", {})
+    st = wait_instance(client, name, lambda st: st["state"] == "stopped", timeout=30)
+    assert st["pid"] is None
+
+
+@pytest.mark.parametrize("memory", ["99999999t", "0m", "2000t"])
+def test_a_memory_limit_no_cgroup_can_hold_is_refused_at_submit(stack, file_server, tmp_path, memory):
+    _, client = stack.add_user()
+    # a deploy checks the profile too: put the bad value in after it, as an app deployed earlier would have
+    deployed(stack, client, file_server, tmp_path, {"profile": "command: sleep 100\n"}, "big")
+    services = stack.home / "services" / stack.users[-1]
+    profile = next(services.glob("*_big")) / "profile"
+    profile.write_text(f"command: sleep 100\nmemory: {memory}\n")
+    with pytest.raises(ApiError) as err:
+        client.post("/v1/apps/big/instances", {"params": {}})
+    assert err.value.status == 400 and "out of range" in err.value.body["message"]
+    assert client.get("/v1/apps/big/instances")["count"] == 0
