@@ -273,3 +273,20 @@ def test_a_memory_limit_no_cgroup_can_hold_is_refused_at_submit(stack, file_serv
         client.post("/v1/apps/big/instances", {"params": {}})
     assert err.value.status == 400 and "out of range" in err.value.body["message"]
     assert client.get("/v1/apps/big/instances")["count"] == 0
+
+
+def test_an_mpi_build_reads_nothing_the_tenant_could_not(stack, file_server, tmp_path):
+    (stack.home / "admin.token").write_text("nap_admin_secret\n")
+    (stack.home / "admin.token").chmod(0o600)
+    _, client = stack.add_user()
+    source = f'#include "/etc/shadow"\n#include "{stack.home}/admin.token"\nint main(void) {{ return 0; }}\n'
+    files = {"mpi.xml": "from: leak.c\nto: leak\nhosts: 1\n", "leak.c": source}
+    deployed(stack, client, file_server, tmp_path, files, "leak")
+    resp = client.post("/v1/apps/leak/mpi", {"params": {}})
+    job = stack.wait_job(client, resp["job"], 120)
+    assert job["state"] == "failed" and "compile error" in job["error"], job
+    said = job["error"] + "\n".join(
+        e["data"].get("line", "") for e in client.events(f"/v1/jobs/{job['id']}/events") if e.get("data")
+    )
+    assert "Permission denied" in said
+    assert "root:" not in said and "nap_admin_secret" not in said

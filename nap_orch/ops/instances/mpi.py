@@ -60,8 +60,10 @@ def program_argv(spec: profile.AppSpec, folder: Path, values: dict[str, str]) ->
     return [profile.substitute(w, values) for w in words]
 
 
-async def build(ctx: Context, spec: profile.AppSpec, folder: Path) -> None:
-    """Compile ``from:`` into ``to:`` with mpicc, streaming the compiler's output into the job's events."""
+async def build(ctx: Context, spec: profile.AppSpec, folder: Path, uid: int | None) -> None:
+    """Compile ``from:`` into ``to:`` with mpicc, streaming the compiler's output into the job's events.
+    With ``uid``, as that tenant, in a clean environment: a source that includes ``/etc/shadow`` or the
+    platform's files gets the compiler's "permission denied", not their lines in its events."""
     source = inside(folder, spec.fields["from"], "from")
     target = inside(folder, spec.fields["to"], "to")
     if not source.is_file():
@@ -71,8 +73,12 @@ async def build(ctx: Context, spec: profile.AppSpec, folder: Path) -> None:
         raise AppError(f"mpicc ({ctx.settings.mpicc}) is not installed on this host: install OpenMPI (libopenmpi-dev)")
     argv = [mpicc, "-O2", "-o", str(target), str(source)]
     await ctx.log("building: " + " ".join(argv))
+    env = {"PATH": units.instance_path(str(folder)), "HOME": str(folder), "LANG": "C.UTF-8"}
+    if uid is not None:
+        as_tenant = ["setpriv", f"--reuid={uid}", f"--regid={uid}", "--clear-groups", "--no-new-privs", "--"]
+        argv = [*as_tenant, *argv]
     proc = await asyncio.create_subprocess_exec(
-        *argv, cwd=folder, stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.STDOUT
+        *argv, cwd=folder, env=env, stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.STDOUT
     )
     output = []
     assert proc.stdout is not None  # a pipe, asked for above
@@ -189,12 +195,12 @@ async def start_mpi(ctx: Context, user: str, app: str, params: dict[str, Any]) -
     try:
         await asyncio.to_thread(write_copy, src, folder, spec, fill)
         argv = program_argv(spec, folder, fill)
-        if spec.fields.get("from"):
-            await build(ctx, spec, folder)
-        await ctx.check()
         await asyncio.to_thread(install_rank, folder)
         if uid is not None:
             await asyncio.to_thread(tenants.give, folder, uid)
+        if spec.fields.get("from"):
+            await build(ctx, spec, folder, uid)
+        await ctx.check()
         specs = render_run(settings, user, app, run, hosts, folder, argv, engine.host_for_ports(), spec.memory, uid)
         await engine.submit(specs)
         names = [s.name for s in specs]
