@@ -1,5 +1,7 @@
 """Bulk launch benchmark: one start_common of N instances of a tiny app, from submit to all running with
-their ports in the store, against a bare baseline that starts the same N processes directly from Python.
+their ports in the store, against two baselines measured in the same run: the same N processes started
+directly from Python, bare, and the same N started directly inside the same sandbox as the agent's
+(setpriv + bubblewrap as a tenant's uid, each joined to a control group of its own before it runs).
 
     python bench/bulk_launch.py              # N=1000, etcd store (the production shape)
     python bench/bulk_launch.py --store redis --count 500
@@ -13,7 +15,9 @@ from __future__ import annotations
 import argparse
 import asyncio
 import json
+import os
 import signal
+import subprocess
 import sys
 import tempfile
 import time
@@ -22,6 +26,8 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from nap_orch.config import Settings  # noqa: E402
+from nap_orch.engines.local.cgroups import Hierarchy, Limits  # noqa: E402
+from nap_orch.engines.local.sandbox import Sandbox  # noqa: E402
 from nap_orch.store import open_store  # noqa: E402
 from tests.support.apps import tar_gz, write_app  # noqa: E402
 from tests.support.httpserver import FileServer  # noqa: E402
@@ -46,6 +52,46 @@ async def baseline(n: int) -> float:
     for p in procs:
         p.send_signal(signal.SIGKILL)
     await asyncio.gather(*(p.wait() for p in procs))
+    return took
+
+
+def sandboxed_baseline(n: int, folder: Path) -> float | None:
+    """Start n `sleep` processes each in its own sandbox and control group, as the agent does but with
+    nothing else around it; seconds until all are spawned and released. None where no sandbox can be made."""
+    hierarchy = Hierarchy.detect("bench")
+    if hierarchy is None:
+        return None
+    uid = 299999
+    folder.mkdir(parents=True, exist_ok=True)
+    os.chown(folder, uid, uid)
+    box = Sandbox(uid, uid, str(folder), hidden=(str(folder.parent),))
+    groups, procs = [], []
+    t0 = time.perf_counter()
+    for i in range(n):
+        group = hierarchy.group(f"b{i}").create(Limits(tasks=512))
+        read, write = os.pipe()
+        proc = subprocess.Popen(
+            box.argv(["/bin/sleep", "100000"], block_fd=read),
+            pass_fds=(read,),
+            start_new_session=True,
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.DEVNULL,
+        )
+        group.join_tree(proc.pid)
+        os.write(write, b"1")
+        os.close(read)
+        os.close(write)
+        groups.append(group)
+        procs.append(proc)
+    took = time.perf_counter() - t0
+    for group in groups:
+        group.kill()
+    for proc in procs:
+        proc.wait()
+    for group in groups:
+        group.remove()
+    for base in hierarchy.bases:
+        base.rmdir()
     return took
 
 
@@ -81,6 +127,7 @@ def main() -> int:
             rows = []
             for r in range(args.rounds):
                 base = asyncio.run(baseline(args.count))
+                boxed = sandboxed_baseline(args.count, tmp / "boxed")
                 t0 = time.perf_counter()
                 job = client.post("/v1/apps/tiny/instances", {"params": {}, "count": args.count})
                 rec = stack.wait_job(client, job["job"], timeout=600)
@@ -89,7 +136,7 @@ def main() -> int:
                 assert rec["result"]["running"] == args.count, rec["result"]["running"]
                 ports = asyncio.run(count_ports(stack, user))
                 assert ports == args.count * (r + 1), ports
-                rows.append((took, base))
+                rows.append((took, base, boxed))
                 print(
                     json.dumps(
                         {
@@ -101,6 +148,9 @@ def main() -> int:
                             "baseline_seconds": round(base, 3),
                             "baseline_per_second": round(args.count / base, 1),
                             "ratio": round(took / base, 2),
+                            "sandboxed_baseline_seconds": round(boxed, 3) if boxed else None,
+                            "sandboxed_baseline_per_second": round(args.count / boxed, 1) if boxed else None,
+                            "ratio_to_sandboxed": round(took / boxed, 2) if boxed else None,
                         }
                     ),
                     flush=True,

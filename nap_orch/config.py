@@ -59,6 +59,25 @@ def read_env(cls: type[T], prefix: str, env: Mapping[str, str] | None = None, **
     return cls(**values)
 
 
+PLATFORM_ENV = "platform.env"
+
+
+def platform_env(home: Path) -> dict[str, str]:
+    """``NAP_*=value`` lines of ``NAP_HOME/platform.env``: the platform's secrets (Redis's and etcd's
+    credentials, the admin token) that ``nap up`` keeps in a file of mode 0600 rather than in the
+    environment of every process it starts. Missing or unreadable: none."""
+    try:
+        text = (home / PLATFORM_ENV).read_text()
+    except OSError:
+        return {}
+    found = {}
+    for line in text.splitlines():
+        key, eq, value = line.partition("=")
+        if eq and key.strip().startswith("NAP_"):
+            found[key.strip()] = value.strip()
+    return found
+
+
 @dataclass(frozen=True)
 class Settings:
     """Everything configurable. ``Settings.from_env()`` reads ``NAP_<FIELD>`` for each field."""
@@ -96,7 +115,10 @@ class Settings:
 
     @classmethod
     def from_env(cls, env: Mapping[str, str] | None = None, **overrides: Any) -> Settings:
-        return read_env(cls, "NAP_", env, **overrides)
+        """The settings from ``NAP_*`` variables, and for those unset, from ``NAP_HOME/platform.env``."""
+        env = os.environ if env is None else env
+        home = Path(env["NAP_HOME"]).expanduser() if env.get("NAP_HOME") else _default_home()
+        return read_env(cls, "NAP_", {**platform_env(home), **env}, **overrides)
 
     @property
     def services_dir(self) -> Path:

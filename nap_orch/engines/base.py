@@ -27,7 +27,7 @@ class UnitSpec:
 @dataclass
 class InstanceStatus:
     name: str
-    state: str  # starting | running | exited | failed | stopped
+    state: str  # starting | running | exited | failed | oom | stopped
     host: str | None = None
     pid: int | None = None
     exit_code: int | None = None

@@ -5,9 +5,11 @@ from __future__ import annotations
 import asyncio
 from collections.abc import Awaitable, Callable
 from typing import TypeVar
+from urllib.parse import unquote
 
 import aetcd
 import aetcd.exceptions
+from aetcd import rpc
 from aetcd import transactions as ops
 
 from .base import Lease, LeaseExpired, Store
@@ -33,11 +35,43 @@ def _parse_endpoint(endpoint: str) -> tuple[str, int]:
     for scheme in ("http://", "https://"):
         if endpoint.startswith(scheme):
             endpoint = endpoint[len(scheme) :]
-    endpoint = endpoint.rstrip("/")
+    endpoint = endpoint.rstrip("/").rpartition("@")[2]
     host, sep, port = endpoint.rpartition(":")
     if not sep or not port.isdigit():
         return endpoint, 2379
     return host.strip("[]"), int(port)
+
+
+def credentials(endpoints: str) -> tuple[str, str] | None:
+    """``(user, password)`` written into an endpoint as ``user:password@host:port``, else None."""
+    for endpoint in endpoints.split(","):
+        endpoint = endpoint.strip().removeprefix("http://").removeprefix("https://")
+        userinfo, at, _ = endpoint.rpartition("@")
+        if at:
+            user, _, password = userinfo.partition(":")
+            return unquote(user), unquote(password)
+    return None
+
+
+async def enable_auth(endpoint: str, password: str) -> None:
+    """Turn on etcd's authentication with a ``root`` user of ``password`` (the platform's account):
+    from then on every client needs it. Already on: nothing to do."""
+    host, port = _parse_endpoint(endpoint)
+    client = aetcd.Client(host, port, timeout=10)
+    try:
+        await client.connect()
+        stub = rpc.AuthStub(client.channel)
+        try:
+            await stub.UserAdd(rpc.AuthUserAddRequest(name="root", password=password), timeout=10)
+            await stub.RoleAdd(rpc.AuthRoleAddRequest(name="root"), timeout=10)
+            await stub.UserGrantRole(rpc.AuthUserGrantRoleRequest(user="root", role="root"), timeout=10)
+            await stub.AuthEnable(rpc.AuthEnableRequest(), timeout=10)
+        except rpc.AioRpcError as error:
+            if "user name is empty" in str(error.details()) or "permission denied" in str(error.details()):
+                return  # authentication is on already
+            raise
+    finally:
+        await client.close()
 
 
 def _chunks(items: list, size: int = MAX_TXN_OPS):
@@ -79,8 +113,9 @@ class EtcdLease(Lease):
 class EtcdStore(Store):
     """Keys and values in etcd, UTF-8 encoded.
 
-    :param endpoints: ``host:port[,host:port...]`` (a leading ``http://`` is accepted). The store talks
-        to the first that answers, and moves on to the next when that one stops answering.
+    :param endpoints: ``host:port[,host:port...]`` (a leading ``http://`` is accepted), one of them
+        written ``user:password@host:port`` where etcd's authentication is on. The store talks to the
+        first that answers, and moves on to the next when that one stops answering.
     :param timeout: seconds any one request may take.
     """
 
@@ -88,6 +123,10 @@ class EtcdStore(Store):
         self.endpoints = [_parse_endpoint(e) for e in endpoints.split(",") if e.strip()]
         if not self.endpoints:
             raise ValueError("no etcd endpoint given")
+        self.spec = endpoints  # as given (with any credentials): what opens another store like this one
+        self._user: str | None = None
+        self._password: str | None = None
+        self._user, self._password = credentials(endpoints) or (None, None)
         self.timeout = timeout
         self._client: aetcd.Client | None = None
         self._current = 0  # index into endpoints of the one in use
@@ -121,7 +160,14 @@ class EtcdStore(Store):
             # Start with the endpoint in use, so a healthy member is not traded for another.
             order = self.endpoints[self._current :] + self.endpoints[: self._current]
             for host, port in order:
-                client = aetcd.Client(host, port, timeout=self.timeout, options=dict(_CHANNEL_OPTIONS))
+                client = aetcd.Client(
+                    host,
+                    port,
+                    username=self._user,
+                    password=self._password,
+                    timeout=self.timeout,
+                    options=dict(_CHANNEL_OPTIONS),
+                )
                 try:
                     await client.connect()
                     await client.get(b"/")  # the channel connects lazily: make it answer once
@@ -129,6 +175,15 @@ class EtcdStore(Store):
                     errors.append(f"{host}:{port}: {error}" if len(self.endpoints) > 1 else str(error))
                     await client.close()
                     continue
+                except aetcd.exceptions.InvalidArgumentError as error:
+                    await client.close()
+                    if "user name is empty" in str(error):
+                        raise ConnectionError(
+                            f"etcd at {host}:{port} requires authentication: give it as user:password@{host}:{port}"
+                        ) from None
+                    if "authentication failed" in str(error):
+                        raise ConnectionError(f"etcd at {host}:{port} refused the credentials given") from None
+                    raise
                 except BaseException:
                     await client.close()
                     raise
@@ -155,7 +210,8 @@ class EtcdStore(Store):
         """Run one request; when etcd is unavailable, reconnect (maybe to another endpoint) and try once more.
 
         Only UNAVAILABLE is retried (a dead channel, or a member without a leader): the request was almost
-        surely not applied. After a timeout it may have been, so a timeout is not retried.
+        surely not applied. After a timeout it may have been, so a timeout is not retried. An expired
+        authentication token (etcd's simple tokens lapse after minutes unused) is renewed and retried.
         """
         for attempt in (1, 2):
             client = await self._connected()
@@ -165,6 +221,10 @@ class EtcdStore(Store):
                 self._discard(client)
                 if attempt == 2:
                     raise ConnectionError(f"etcd at {self._describe()} is unreachable: {error}") from error
+            except aetcd.exceptions.UnauthenticatedError:
+                self._discard(client)  # the next connection authenticates again
+                if attempt == 2:
+                    raise
             except aetcd.exceptions.ConnectionTimeoutError as error:
                 self._discard(client)
                 raise ConnectionError(

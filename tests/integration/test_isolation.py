@@ -26,7 +26,7 @@ pytestmark = pytest.mark.skipif(
 
 # What a hostile tenant tries, one line each: "probe <name>: WORKED|refused".
 PROBE_SH = r"""#!/bin/sh
-home="$1"; agent="$2"; victim_pid="$3"; victim_dir="$4"; token="$5"
+home="$1"; agent="$2"; victim_pid="$3"; victim_dir="$4"; token="$5"; redis="$6"; etcd="$7"
 try() { name=$1; shift; if "$@" >/dev/null 2>&1; then echo "probe $name: WORKED"; else echo "probe $name: refused"; fi; }
 echo "probe uid $(id -u) gid $(id -g) groups $(id -G)"
 try admin_token cat "$home/admin.token"
@@ -38,12 +38,24 @@ try other_tenant_code ls "$home/services"
 try signal_other_tenant kill -0 "$victim_pid"
 try write_nap_home touch "$home/planted"
 try write_system touch "/etc/planted-$token"
+try redis_keys python3 -c "
+import socket, sys
+s = socket.create_connection(('127.0.0.1', int(sys.argv[1])))
+s.sendall(b'KEYS *\r\n')
+sys.exit(0 if s.recv(64)[:1] == b'*' else 1)" "$redis"
+try etcd_keys python3 -c "
+import json, sys, urllib.request
+req = urllib.request.Request('http://127.0.0.1:%s/v3/kv/range' % sys.argv[1], data=b'{\"key\": \"Lw==\", \"range_end\": \"AA==\"}')
+sys.exit(0 if 'error' not in json.load(urllib.request.urlopen(req, timeout=5)) else 1)" "$etcd"
 echo "$token" > "/tmp/planted-$token" 2>/dev/null
 echo "$token" > "planted-here"
 echo probe-done
 exec sleep 100000
 """
-PROBE = {"profile": "command: sh probe.sh {home} {agent} {pid} {dir} {token}\n", "probe.sh": PROBE_SH}
+PROBE = {
+    "profile": "command: sh probe.sh {home} {agent} {pid} {dir} {token} {redis} {etcd}\n",
+    "probe.sh": PROBE_SH,
+}
 VICTIM = {"profile": "command: sleep 100000\n"}
 ATTACKS = [
     "admin_token",
@@ -54,6 +66,8 @@ ATTACKS = [
     "other_tenant_code",
     "signal_other_tenant",
     "write_nap_home",
+    "redis_keys",
+    "etcd_keys",
 ]
 
 
@@ -109,6 +123,8 @@ def probe(stack: NapStack, file_server, tmp_path) -> tuple[dict[str, str], str, 
         "pid": str(victim_st["pid"]),
         "dir": victim_dir,
         "token": token,
+        "redis": stack.env["NAP_REDIS_URL"].rpartition(":")[2].split("/")[0],
+        "etcd": stack.env["NAP_ETCD"].rpartition(":")[2],
     }
     job = start(stack, eve, "probe", params)
     assert job["state"] == "succeeded", job

@@ -230,7 +230,7 @@ async def test_open_is_idempotent_and_store_is_an_async_context_manager(store, k
 
 def _constructor_args(store: Store) -> tuple:
     if isinstance(store, EtcdStore):
-        return (store.endpoint,)
+        return (store.spec,)
     assert isinstance(store, RedisStore)
     return (store.redis_url, store.namespace)
 
@@ -293,7 +293,7 @@ async def test_etcd_store_uses_the_first_endpoint_that_answers(etcd_server, key_
     async with EtcdStore(f"{dead},http://{etcd_server.endpoint}") as store:
         await store.put(key_prefix + "k", "v")
         assert await store.get(key_prefix + "k") == "v"
-        assert store.endpoint == etcd_server.endpoint
+        assert store.endpoint == etcd_server.address
 
 
 async def test_concurrent_port_reservations_never_share_a_port(store, key_prefix):

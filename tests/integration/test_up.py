@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import os
 import signal
+import socket
 import subprocess
 import sys
 import time
@@ -45,6 +46,25 @@ def test_nap_up_serves_the_api_and_stops_with_everything_it_started(tmp_path):
         req = urllib.request.Request(f"http://127.0.0.1:{port}/v1/whoami", headers={"Authorization": f"Bearer {token}"})
         with urllib.request.urlopen(req, timeout=10) as resp:
             assert json.loads(resp.read()) == {"name": "admin", "admin": True}
+        # The secrets are in one 0600 file, not in the environment of the parts it started ...
+        platform = tmp_path / "home" / "platform.env"
+        assert oct(platform.stat().st_mode & 0o777) == "0o600"
+        kept = dict(line.split("=", 1) for line in platform.read_text().splitlines())
+        assert kept["NAP_ADMIN_TOKEN"] == token
+        parts = 0
+        for pid in subprocess.run(
+            ["pgrep", "-f", "nap_orch (api|agent)"], capture_output=True, text=True
+        ).stdout.split():
+            environ = open(f"/proc/{pid}/environ", "rb").read()
+            if str(tmp_path).encode() in environ:
+                parts += 1
+                assert token.encode() not in environ and b"NAP_REDIS_URL" not in environ
+        assert parts == 2  # the API and the agent
+        # ... and its Redis answers no one without the password
+        redis_port = int(kept["NAP_REDIS_URL"].rpartition(":")[2].split("/")[0])
+        with socket.create_connection(("127.0.0.1", redis_port), timeout=5) as sock:
+            sock.sendall(b"KEYS *\r\n")
+            assert sock.recv(64).startswith(b"-NOAUTH")
     finally:
         proc.send_signal(signal.SIGTERM)
         code = proc.wait(60)

@@ -4,16 +4,20 @@ Plain classes with no pytest dependency, so a test can stop and restart a server
 
     etcd = EtcdServer(tmp / "etcd")
     etcd.start()          # waits until it answers
-    etcd.endpoint         # "127.0.0.1:<port>"
+    etcd.endpoint         # "root:<password>@127.0.0.1:<port>": authentication is on
+    etcd.address          # "127.0.0.1:<port>"
     etcd.restart()        # same ports, same data
     etcd.stop()
 """
 
 from __future__ import annotations
 
+import asyncio
 import atexit
+import concurrent.futures
 import os
 import platform
+import secrets
 import shutil
 import signal
 import socket
@@ -22,6 +26,8 @@ import time
 import urllib.error
 import urllib.request
 from pathlib import Path
+
+from nap_orch.store.etcd import enable_auth
 
 
 def free_port() -> int:
@@ -69,6 +75,9 @@ class _Server:
     def is_ready(self) -> bool:
         raise NotImplementedError
 
+    def ready(self) -> None:
+        """Once it answers, after each start: what it needs before clients come (none by default)."""
+
     @property
     def running(self) -> bool:
         return self.process is not None and self.process.poll() is None
@@ -93,6 +102,7 @@ class _Server:
             if self.process.poll() is not None:
                 break
             if self.is_ready():
+                self.ready()
                 return
             time.sleep(0.05)
         code = self.process.poll()
@@ -138,10 +148,21 @@ class EtcdServer(_Server):
         self.peer_port = free_port()
         while self.peer_port == self.port:
             self.peer_port = free_port()
+        self.password = secrets.token_urlsafe(16)
+
+    @property
+    def address(self) -> str:
+        return f"127.0.0.1:{self.port}"
 
     @property
     def endpoint(self) -> str:
-        return f"127.0.0.1:{self.port}"
+        """What a client is given: authentication is on, as the platform runs etcd."""
+        return f"root:{self.password}@{self.address}"
+
+    def ready(self) -> None:
+        # on from then on, across restarts; in a thread of its own, as a test's event loop may be running
+        with concurrent.futures.ThreadPoolExecutor(1) as pool:
+            pool.submit(asyncio.run, enable_auth(self.address, self.password)).result()
 
     @property
     def client_url(self) -> str:
@@ -207,14 +228,19 @@ class RedisServer(_Server):
         super().__init__(data_dir)
         self.binary = binary or redis_server_binary()
         self.port = free_port()
+        self.password = secrets.token_urlsafe(16)
+        conf = self.data_dir / "redis.conf"  # the password stays off its command line
+        conf.write_text(f"requirepass {self.password}\n")
+        conf.chmod(0o600)
 
     @property
     def url(self) -> str:
-        return f"redis://127.0.0.1:{self.port}/0"
+        return f"redis://:{self.password}@127.0.0.1:{self.port}/0"
 
     def command(self) -> list[str]:
         return [
             self.binary,
+            str(self.data_dir / "redis.conf"),
             "--port", str(self.port),
             "--bind", "127.0.0.1",
             "--dir", str(self.data_dir),
@@ -226,7 +252,13 @@ class RedisServer(_Server):
     def is_ready(self) -> bool:
         try:
             with socket.create_connection(("127.0.0.1", self.port), timeout=1) as sock:
-                sock.sendall(b"PING\r\n")
-                return sock.recv(64).startswith(b"+PONG")
+                sock.sendall(f"AUTH {self.password}\r\nPING\r\n".encode())
+                reply = b""
+                while reply.count(b"\r\n") < 2 and len(reply) < 256:
+                    chunk = sock.recv(64)
+                    if not chunk:
+                        break
+                    reply += chunk
+                return reply == b"+OK\r\n+PONG\r\n"
         except OSError:
             return False

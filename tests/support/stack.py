@@ -6,6 +6,7 @@ stacks can share one Redis server. ``client(token)`` talks to its API over HTTP.
 
 from __future__ import annotations
 
+import errno
 import os
 import signal
 import socket
@@ -125,6 +126,22 @@ class NapStack:
         for name in list(self.procs):
             self.kill(name, signal.SIGTERM) if name != "worker" else self.kill(name, signal.SIGKILL)
         self.kill_instances()
+        self.remove_groups()
+
+    def remove_groups(self) -> None:
+        """The stack's control groups (``nap-<namespace>``: in each v1 hierarchy, or the v2 one), once
+        their processes are gone (a process just killed leaves its group a moment later)."""
+        root = Path("/sys/fs/cgroup")
+        for base in [*root.glob(f"*/nap-{self.namespace}"), *root.glob(f"nap-{self.namespace}")]:
+            for group in [*base.iterdir(), base]:
+                for _ in range(50):
+                    try:
+                        group.rmdir()
+                    except OSError as e:
+                        if e.errno == errno.EBUSY:
+                            time.sleep(0.1)
+                            continue
+                    break
 
     def instance_pids(self, marker: str = "", programs: bool = False) -> list[int]:
         """Processes running in this stack's instance folders (instances outlive the agent by design),
