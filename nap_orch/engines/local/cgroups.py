@@ -93,6 +93,7 @@ class Group:
         self.hierarchy = hierarchy
         self.name = name
         self.dirs = [base / name for base in hierarchy.bases]
+        self.fresh = False  # made by the last ``create`` (not there before)
 
     @property
     def exists(self) -> bool:
@@ -104,15 +105,21 @@ class Group:
         return self.dirs[V1_CONTROLLERS.index(controller)]
 
     def create(self, limits: Limits) -> Group:
-        """Make the group (again: an existing one is kept) and set its limits."""
+        """Make the group (again: an existing one is kept, ``fresh`` says which) and set its limits."""
+        self.fresh = False
         for d in self.dirs:
-            d.mkdir(parents=True, exist_ok=True)
+            try:
+                d.mkdir(parents=True)
+                self.fresh = True
+            except FileExistsError:
+                pass
         memory, tasks = self._dir("memory"), self._dir("pids")
-        if self.hierarchy.version == 2:
+        if self.fresh and not limits.memory:
+            pass  # a new group has no memory limit: no writes for it on a launch without one
+        elif self.hierarchy.version == 2:
             _write(memory / "memory.max", str(limits.memory) if limits.memory else "max")
             if (memory / "memory.swap.max").exists():
                 _write(memory / "memory.swap.max", "0" if limits.memory else "max")
-            _write(tasks / "pids.max", str(limits.tasks) if limits.tasks else "max")
         else:
             # memsw (memory + swap) may not be lowered below the memory limit, nor the memory limit
             # raised above memsw: set them in the order that keeps memsw >= memory.
@@ -124,7 +131,7 @@ class Group:
             _write(memory / "memory.limit_in_bytes", value)
             if memsw.exists():
                 _write(memsw, value)
-            _write(tasks / "pids.max", str(limits.tasks) if limits.tasks else "max")
+        _write(tasks / "pids.max", str(limits.tasks) if limits.tasks else "max")
         return self
 
     def join(self, pid: int) -> None:

@@ -375,8 +375,10 @@ class Supervisor:
             if group is not None:
                 assert self.isolation is not None and unit.user is not None and unit.group is not None
                 group.create(Limits(unit.memory_max, unit.tasks_max))
-                self._empty(group)  # a left-over of an earlier run (say, from before an agent crash)
-                inst.oom_seen = group.oom_kills()
+                inst.oom_seen = 0
+                if not group.fresh:
+                    self._empty(group)  # a left-over of an earlier run (say, from before an agent crash)
+                    inst.oom_seen = group.oom_kills()
                 # The sandbox waits on this pipe until the agent has put it into the group.
                 block = os.pipe()
                 argv = self.isolation.sandbox(unit.user, unit.group, unit.workdir).argv(argv, block_fd=block[0])
