@@ -5,6 +5,7 @@ directly from Python, bare, and the same N started directly inside the same sand
 
     python bench/bulk_launch.py              # N=1000, etcd store (the production shape)
     python bench/bulk_launch.py --store redis --count 500
+    python bench/bulk_launch.py --sandbox off  # instances unsandboxed (NAP_SANDBOX=off)
 
 It starts its own Redis, etcd, agent, worker and API in a temporary folder and removes everything after.
 The tiny app is ``sleep`` (a Python app would measure Python's start-up, not nap-orch).
@@ -106,6 +107,7 @@ def main() -> int:
     ap.add_argument("--count", type=int, default=1000)
     ap.add_argument("--store", choices=["etcd", "redis"], default="etcd")
     ap.add_argument("--rounds", type=int, default=1)
+    ap.add_argument("--sandbox", choices=["on", "off"], default="on", help="off: NAP_SANDBOX=off (unisolated)")
     args = ap.parse_args()
     with tempfile.TemporaryDirectory(prefix="nap-bench-") as tmp:
         tmp = Path(tmp)
@@ -116,7 +118,10 @@ def main() -> int:
             etcd.start()
         www = FileServer(tmp / "www").start()
         stack = NapStack(
-            tmp / "nap", redis.url, etcd.endpoint if etcd else "", extra_env={"NAP_PORT_RANGE": "30000-39999"}
+            tmp / "nap",
+            redis.url,
+            etcd.endpoint if etcd else "",
+            extra_env={"NAP_PORT_RANGE": "30000-39999", "NAP_SANDBOX": args.sandbox},
         )
         try:
             stack.start()
@@ -142,6 +147,7 @@ def main() -> int:
                         {
                             "round": r + 1,
                             "store": args.store,
+                            "sandbox": args.sandbox,
                             "instances": args.count,
                             "nap_seconds": round(took, 3),
                             "nap_per_second": round(args.count / took, 1),
