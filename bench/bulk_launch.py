@@ -27,8 +27,8 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from nap_orch.config import Settings  # noqa: E402
-from nap_orch.engines.local.cgroups import Hierarchy, Limits  # noqa: E402
-from nap_orch.engines.local.sandbox import Sandbox  # noqa: E402
+from nap_orch.engines.cgroups import Hierarchy, Limits  # noqa: E402
+from nap_orch.engines.sandbox import Sandbox  # noqa: E402
 from nap_orch.store import open_store  # noqa: E402
 from tests.support.apps import tar_gz, write_app  # noqa: E402
 from tests.support.httpserver import FileServer  # noqa: E402

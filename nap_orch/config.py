@@ -102,8 +102,8 @@ class Settings:
     mpirun: str = "mpirun"
     restart_limit: int = 5
     stop_timeout: float = 10.0
-    # Every instance runs sandboxed as its tenant's own uid, with cgroup limits (engines.local.sandbox,
-    # engines.local.cgroups). Off (NAP_SANDBOX=off) is for development only: tenants are not isolated.
+    # Every instance runs sandboxed as its tenant's own uid, with cgroup limits (engines.sandbox,
+    # engines.cgroups). Off (NAP_SANDBOX=off) is for development only: tenants are not isolated.
     sandbox: bool = True
     # The uids (and gids) given to tenants, one each, without passwd entries (ops.tenants).
     uid_range: tuple[int, int] = field(default=(200000, 299999), metadata={"top": 2**31 - 2})

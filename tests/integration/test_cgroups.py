@@ -1,4 +1,4 @@
-"""Control groups of instances (``engines.local.cgroups``) on this host's real hierarchy: the limits
+"""Control groups of instances (``engines.cgroups``) on this host's real hierarchy: the limits
 hold for the whole process tree, a kill leaves nothing, an OOM kill is counted. Skipped where no
 usable cgroup hierarchy exists (not as root, or no memory/pids controllers)."""
 
@@ -11,7 +11,7 @@ import uuid
 
 import pytest
 
-from nap_orch.engines.local.cgroups import Hierarchy, Limits
+from nap_orch.engines.cgroups import Hierarchy, Limits
 
 MiB = 1024 * 1024
 

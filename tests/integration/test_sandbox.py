@@ -11,8 +11,8 @@ import uuid
 
 import pytest
 
-from nap_orch.engines.local.cgroups import Hierarchy, Limits
-from nap_orch.engines.local.sandbox import Sandbox
+from nap_orch.engines.cgroups import Hierarchy, Limits
+from nap_orch.engines.sandbox import Sandbox
 
 TENANT = 31337
 

@@ -53,10 +53,10 @@ from ...config import Settings
 from ...errors import BadRequest, Conflict, EngineError, NotFound
 from ...names import is_unit_name
 from ..base import ENDED, RUNNING, STARTING, STOPPED, InstanceStatus
+from ..cgroups import CgroupError, Group, Limits
 from ..files import FilePool
 from ..journal import event_line, last_lines, timestamp
 from ..restarts import Exit, decide
-from .cgroups import CgroupError, Group, Limits
 from .linux import Inotify, punch_hole
 from .proc import EXIT_CHDIR, EXIT_EXEC, describe_exit, exit_of, is_alive, proc_stat
 from .records import Record, read_record, write_record

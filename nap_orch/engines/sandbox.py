@@ -1,0 +1,75 @@
+"""The sandbox an instance runs in, on every engine: its tenant's own uid and gid, no capabilities,
+``no_new_privs``, its own mount, PID, IPC, UTS and cgroup namespaces, the system read-only, ``NAP_HOME``
+hidden but for the instance's folder (its only writable place besides a private ``/tmp``), the host
+network shared.
+
+The command line is ``setpriv`` (util-linux) dropping to the tenant's uid, gid and no supplementary
+groups, then ``bwrap`` (bubblewrap) unprivileged. The order matters: ``bwrap --uid N`` started as root
+only renames root inside a user namespace (measured here: the sandboxed process was uid 0 on the
+host), while ``bwrap`` started as uid N makes a process that is uid N on the host too, with
+``CapEff`` 0 and ``NoNewPrivs`` 1. Every folder above the instance's must let other users pass
+through (bwrap binds it as the tenant).
+
+``bwrap --block-fd`` holds the sandbox until whoever starts it has moved it into the instance's
+control group (``cgroups.py``; bwrap's sandbox process exists already then, blocked:
+``Group.join_tree`` moves it too): nothing of the tenant's runs outside its limits. No
+``--die-with-parent``: instances outlive the agent. A program killed by signal N ends the sandbox with
+code 128+N.
+"""
+
+from __future__ import annotations
+
+import shutil
+from dataclasses import dataclass
+
+
+@dataclass(frozen=True)
+class Sandbox:
+    """Where and as whom one instance runs."""
+
+    uid: int
+    gid: int
+    workdir: str  # the instance's folder: writable, and the working directory
+    hidden: tuple[str, ...] = ()  # folders replaced by an empty one (NAP_HOME, the platform's state)
+
+    def argv(self, command: list[str], block_fd: int | None = None) -> list[str]:
+        """The command line that runs ``command`` in this sandbox; with ``block_fd``, it waits until
+        something can be read from that file descriptor (passed to the child) before it starts."""
+        if self.uid <= 0 or self.gid <= 0:
+            raise ValueError("a sandbox runs as a tenant's own uid and gid, never as root")
+        setpriv = shutil.which("setpriv") or "setpriv"
+        bwrap = shutil.which("bwrap") or "bwrap"
+        out = [
+            setpriv,
+            f"--reuid={self.uid}",
+            f"--regid={self.gid}",
+            "--clear-groups",
+            "--no-new-privs",
+            "--inh-caps=-all",
+            "--bounding-set=-all",
+            "--",
+            bwrap,
+            "--unshare-all",
+            "--unshare-user",
+            "--share-net",
+            "--disable-userns",
+            "--new-session",
+            "--ro-bind",
+            "/",
+            "/",
+            "--proc",
+            "/proc",
+            "--dev",
+            "/dev",
+            "--tmpfs",
+            "/tmp",
+        ]
+        for path in self.hidden:
+            out += ["--tmpfs", path]
+        out += ["--bind", self.workdir, self.workdir]
+        for path in self.hidden:  # read-only once the instance's folder is mounted inside it
+            out += ["--remount-ro", path]
+        out += ["--chdir", self.workdir]
+        if block_fd is not None:
+            out += ["--block-fd", str(block_fd)]
+        return [*out, "--", *command]
