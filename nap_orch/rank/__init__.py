@@ -32,6 +32,12 @@ from pathlib import Path
 
 FOLDER = ".nap-mpi"
 POLL = 0.2
+# A launcher (Slurm's srun) still running this long after every rank has ended is ended: srun has been
+# seen to miss the end of a heterogeneous step whose tasks had all finished, and wait for ever.
+LAUNCHER_GRACE = 10.0
+# What each rank runs under a cluster's launcher: the program, then its exit code into a file of its own
+# (node and pid: unique among the run's ranks), which is how the master knows every rank has ended.
+RANK_SH = '"$@"; c=$?; echo "$c" > ".nap-mpi/rank-${SLURMD_NODENAME:-node}-$$.exit"; exit "$c"'
 
 
 def this_host() -> str:
@@ -109,14 +115,51 @@ def master(args, program: list[str]) -> int:
         if os.environ.get("NAP_MPI_LAUNCH")
         else [os.environ.get("NAP_MPIRUN") or "mpirun", "--hostfile", "hostfile", "-np", str(ranks), "--oversubscribe"]
     )
-    argv = [*launch, *program]
+    watched = bool(os.environ.get("NAP_MPI_LAUNCH"))
+    argv = [*launch, *(["/bin/sh", "-c", RANK_SH, "rank"] if watched else []), *program]
     print("master: " + " ".join(argv), flush=True)
     proc = subprocess.Popen(argv)
     signal.signal(signal.SIGTERM, lambda *_: proc.terminate())
-    code = proc.wait()
-    code = code if code >= 0 else 128 - code
+    code = wait_launcher(proc, folder, ranks if watched else None)
     print(f"master: mpirun exited with code {code}", flush=True)
     return run.end("succeeded" if code == 0 else "failed", code)
+
+
+def wait_launcher(proc: subprocess.Popen, folder: Path, ranks: int | None) -> int:
+    """The launcher's exit code; with ``ranks``, also ends a launcher that outlives every rank by
+    ``LAUNCHER_GRACE`` seconds, and then the run's code is the ranks' (the first that is not 0)."""
+    all_ended = None
+    while True:
+        try:
+            code = proc.wait(timeout=1.0)
+            return code if code >= 0 else 128 - code
+        except subprocess.TimeoutExpired:
+            pass
+        if ranks is None:
+            continue
+        codes = rank_codes(folder)
+        if len(codes) < ranks:
+            continue
+        all_ended = all_ended or time.monotonic()
+        if time.monotonic() - all_ended > LAUNCHER_GRACE:
+            print(
+                f"master: all {ranks} ranks ended {LAUNCHER_GRACE:g} s ago but the launcher did not: ending it",
+                flush=True,
+            )
+            proc.kill()
+            proc.wait()
+            return next((c for c in codes if c != 0), 0)
+
+
+def rank_codes(folder: Path) -> list[int]:
+    """The exit codes the ranks that have ended wrote."""
+    codes = []
+    for path in folder.glob("rank-*.exit"):
+        try:
+            codes.append(int(path.read_text().split()[0]))
+        except (OSError, ValueError, IndexError):
+            continue
+    return codes
 
 
 def slave(args) -> int:

@@ -306,3 +306,56 @@ def test_an_mpi_build_reads_nothing_the_tenant_could_not(stack, file_server, tmp
     )
     assert "Permission denied" in said
     assert "root:" not in said and "nap_admin_secret" not in said
+
+
+SLURM_PROBE = {
+    "profile": "command: sh probe.sh {home} {mark}\n",
+    "probe.sh": r"""#!/bin/sh
+home="$1"; mark="$2"
+echo "probe uid $(id -u) gid $(id -g)"
+if cat "$home/admin.token" >/dev/null 2>&1; then echo "probe admin_token: WORKED"; else echo "probe admin_token: refused"; fi
+if ls "$home/slurm" >/dev/null 2>&1; then echo "probe engine_files: WORKED"; else echo "probe engine_files: refused"; fi
+setsid sleep "$mark" &
+echo probe-done
+exec sleep 100000
+""",
+}
+
+
+@pytest.mark.slurm_engine
+def test_a_slurm_task_runs_sandboxed_as_its_tenant_and_leaves_nothing_behind(slurm_stack, file_server, tmp_path):
+    s = slurm_stack
+    (s.home / "admin.token").write_text("nap_admin_secret\n")
+    (s.home / "admin.token").chmod(0o600)
+    _, client = s.add_user()
+    deployed(s, client, file_server, tmp_path, SLURM_PROBE, "probe")
+    mark = str(800000 + int(uuid.uuid4().int % 99999))
+    job = start(s, client, "probe", {"home": str(s.home), "mark": mark})
+    assert job["state"] == "succeeded", job
+    name = job["result"]["instances"][0]["name"]
+    text = wait_journal(client, name, "probe-done", timeout=60)
+    uid, gid = map(int, re.search(r"probe uid (\d+) gid (\d+)", text).groups())
+    assert uid == gid and 200000 <= uid <= 299999
+    assert "probe admin_token: refused" in text and "probe engine_files: refused" in text
+    assert len(host_processes(f"sleep\0{mark}")) == 1
+    client.post(f"/v1/instances/{name}/stop", {})
+    wait_instance(client, name, lambda st: st["state"] == "stopped", timeout=60)
+    try:
+        wait_until(lambda: not host_processes(f"sleep\0{mark}"), 30, "the setsid child to go with its task")
+    finally:
+        for pid in host_processes(f"sleep\0{mark}"):
+            os.kill(pid, 9)
+
+
+@pytest.mark.slurm_engine
+def test_memory_max_holds_for_a_slurm_tasks_whole_tree(slurm_stack, file_server, tmp_path):
+    s = slurm_stack
+    _, client = s.add_user()
+    files = {"profile": "command: python3 hog.py\nmemory: 120m\n", "hog.py": HOG}
+    deployed(s, client, file_server, tmp_path, files, "hog")
+    resp = client.post("/v1/apps/hog/instances", {"params": {}})
+    s.wait_job(client, resp["job"], 120)
+    name = client.get("/v1/apps/hog/instances")["instances"][0]["name"]
+    text = wait_journal(client, name, r"killed for memory", timeout=90)
+    assert text.count("holding 80 MiB") < 3 or re.search(r"holding 80 MiB(.|\n)*killed for memory", text)
+    client.post(f"/v1/instances/{name}/stop", {})

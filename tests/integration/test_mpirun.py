@@ -104,7 +104,8 @@ def test_master_runs_the_program_on_the_hosts_its_slaves_registered(run_dir):
         )
         assert out.returncode == 0, out.stdout + out.stderr
         assert (run_dir / "hostfile").read_text() == "127.0.0.1 slots=3\n"
-        assert (run_dir / "launched").read_text() == "launched launcher prog a b\n"
+        # under a cluster's launcher each rank runs the program, then writes its exit code
+        assert (run_dir / "launched").read_text() == f"launched launcher /bin/sh -c {rank.RANK_SH} rank prog a b\n"
         record = json.loads((run_dir / ".nap-mpi" / "run.json").read_text())
         assert (record["state"], record["ranks"], record["exit_code"]) == ("succeeded", 3, 0)
         for proc in slaves:  # the run ended: they leave
@@ -113,3 +114,27 @@ def test_master_runs_the_program_on_the_hosts_its_slaves_registered(run_dir):
         for proc in slaves:
             proc.kill()
             proc.wait()
+
+
+def test_master_ends_a_launcher_that_outlives_every_rank(run_dir):
+    """srun has been seen to miss the end of a het step whose ranks had all ended: the master ends it."""
+    slave = subprocess.Popen(rank_argv("slave", "--hosts", "1", "--index", "1"), env=env(), cwd=run_dir)
+    try:
+        # a launcher that runs both ranks (the second one fails), then hangs
+        launch = json.dumps(["/bin/sh", "-c", '"$@"; "$1" "$2" "$3" "$4" /bin/false; exec sleep 1000', "launcher"])
+        out = subprocess.run(
+            rank_argv("master", "--hosts", "1", "--", "/bin/true"),
+            env=env(NAP_MPI_LAUNCH=launch),
+            cwd=run_dir,
+            capture_output=True,
+            text=True,
+            timeout=120,
+        )
+        assert "all 2 ranks ended 10 s ago but the launcher did not: ending it" in out.stdout, out.stdout
+        assert out.returncode == 1  # the failed rank's code
+        assert sorted(rank.rank_codes(run_dir / ".nap-mpi")) == [0, 1]
+        assert json.loads((run_dir / ".nap-mpi" / "run.json").read_text())["state"] == "failed"
+        assert slave.wait(20) == 0
+    finally:
+        slave.kill()
+        slave.wait()

@@ -13,7 +13,7 @@ from ...units import Unit
 from ..base import RUNNING, STARTING, STOPPED, InstanceStatus
 from ..restarts import Exit, decide
 from .cli import ENDED_BY_SLURM, Row
-from .records import Desired, Observed, RunFiles, current
+from .records import Desired, Ended, Observed, RunFiles, current
 
 # A job that squeue does not show yet (or any more) this long after submission, without an exit file, is lost.
 GRACE = 15.0
@@ -96,14 +96,14 @@ def job_ended(
     s: Observed,
     kind: str,
     unit: Unit | None,
-    ended: tuple[int, bool] | None,
+    ended: Ended | None,
     row: Row | None,
     now: float,
     what: str = "",
 ) -> None:
     """Apply the unit's restart policy (``engines.restarts``) to the end of the current job; ``ended``
-    is (exit code, signalled by Slurm), None when the job left no exit code (lost)."""
-    code, signalled = ended if ended is not None else (None, False)
+    is what its script wrote, None when the job left no exit code (lost)."""
+    code, signalled, oom = ended if ended is not None else (None, False, False)
     lost = ended is None or signalled or (row is not None and row.state in ENDED_BY_SLURM)
     if what:
         pass
@@ -118,9 +118,13 @@ def job_ended(
         code, what = 0, "the run ended"
     else:
         what = f"exited with code {code}"
+    if oom and unit is not None:
+        what = f"killed for memory: over its MemoryMax={unit.memory_max} ({what})"
     # Only 0 is clean: the script sees a death by signal N as code 128+N, which a program's own exit
     # code could also be (the local agent, which reaps its children itself, knows the difference).
-    decision = decide(unit, Exit(code, not lost and code == 0, what), s.started_at, s.failures, now)
+    decision = decide(
+        unit, Exit(code, not lost and not oom and code == 0, what, oom=oom), s.started_at, s.failures, now
+    )
     s.exit_code = code
     s.ended_job = s.jobid
     s.failures = decision.failures

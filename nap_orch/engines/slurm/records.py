@@ -21,7 +21,7 @@ import os
 import time
 from dataclasses import asdict, dataclass, field, fields, replace
 from pathlib import Path
-from typing import Any, TypeVar, cast
+from typing import Any, NamedTuple, TypeVar, cast
 
 from ...names import Kind
 from ..base import RUNNING, STARTING
@@ -112,6 +112,15 @@ def current(d: Desired, s: Observed | None) -> Observed:
     return fresh
 
 
+class Ended(NamedTuple):
+    """How a job's task ended, as its script wrote it: the program's exit code, whether Slurm signalled
+    the task, and whether the kernel killed any of the instance's processes for memory."""
+
+    code: int
+    signalled: bool
+    oom: bool = False
+
+
 class RunFiles:
     """The files the jobs' scripts wrote in the run folder, listed once and read only where listed: a
     look at 1,000 instances costs one listing instead of 2,000 failed opens. List them after squeue:
@@ -134,11 +143,13 @@ class RunFiles:
         except OSError:
             return None
 
-    def exit_of(self, jobid: str) -> tuple[int, bool] | None:
-        """How the job's task ended ("code signalled"), None when it wrote no exit file (yet)."""
+    def exit_of(self, jobid: str) -> Ended | None:
+        """How the job's task ended ("code signalled [oom kills]"), None when it wrote no exit file (yet)."""
         words = self._read(jobid, "exit")
         try:
-            return (int(words[0]), words[1] == "1") if words else None
+            if not words:
+                return None
+            return Ended(int(words[0]), words[1] == "1", int(words[2]) > 0 if len(words) > 2 else False)
         except (ValueError, IndexError):
             return None
 

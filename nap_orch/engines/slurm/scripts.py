@@ -24,8 +24,10 @@ from __future__ import annotations
 import json
 import shlex
 from collections.abc import Sequence
+from dataclasses import dataclass
 
 from ... import units
+from ..sandbox import Sandbox
 
 # Exit code of a branch whose WorkingDirectory can't be entered (systemd's 200/CHDIR).
 EXIT_CHDIR = 200
@@ -55,6 +57,7 @@ nap_wait_port() {  # the port the control plane assigns to this job on this node
     done
     nap_event "started on $NAP_HOST port $PORT (job $nap_job)"
 }
+nap_box=() nap_group=""  # a sandboxed unit's task file sets them (and nap_cg, nap_py, nap_stack, nap_tasks)
 nap_exec() {  # clean|keep WORKDIR MEMORY_KB NAME=VALUE... -- ARGV...: runs it, sets nap_code
     local mode=$1 dir=$2 mem=$3 envs=()
     shift 3
@@ -66,7 +69,11 @@ nap_exec() {  # clean|keep WORKDIR MEMORY_KB NAME=VALUE... -- ARGV...: runs it, 
         nap_event "could not enter $dir"
         return
     fi
-    if [ "$mode" = clean ]; then
+    if [ "$mode" = clean ] && [ -n "$nap_group" ]; then
+        # into the instance's control group (its limits over the whole tree), then into its sandbox
+        ( "$nap_py" "$nap_cg" join "$nap_stack" "$nap_group" $((mem * 1024)) "$nap_tasks" "$BASHPID" || exit 203
+          exec "${nap_box[@]}" env -i PATH="$PATH" HOME="${HOME:-/}" LANG="${LANG:-C.UTF-8}" "${envs[@]}" "$@" ) &
+    elif [ "$mode" = clean ]; then
         ( [ "$mem" -gt 0 ] && ulimit -v "$mem"
           exec env -i PATH="$PATH" HOME="${HOME:-/}" LANG="${LANG:-C.UTF-8}" "${envs[@]}" "$@" ) &
     else
@@ -74,14 +81,43 @@ nap_exec() {  # clean|keep WORKDIR MEMORY_KB NAME=VALUE... -- ARGV...: runs it, 
     fi
     nap_pid=$!
     printf '%s\n' "$nap_pid" > "$nap_run/$nap_job.started"  # the instance runs from now on
+    if [ -n "$nap_group" ] && [ "$mem" -gt 0 ]; then nap_watch_oom & fi
     # Slurm's TERM (scancel, a node taken down, a time limit) reaches the program too; remember it.
-    trap 'nap_signalled=1; kill -TERM $nap_pid 2>/dev/null' TERM INT HUP
+    trap 'nap_signalled=1; nap_term' TERM INT HUP
     wait $nap_pid
     nap_code=$?
     while kill -0 $nap_pid 2>/dev/null; do wait $nap_pid; nap_code=$?; done
 }
+nap_watch_oom() {  # systemd's OOMPolicy=stop: once the kernel kills any of its processes for memory, all go
+    local f k v
+    while kill -0 "$nap_pid" 2>/dev/null; do
+        for f in "/sys/fs/cgroup/memory/nap-$nap_stack/$nap_group/memory.oom_control" \
+                 "/sys/fs/cgroup/nap-$nap_stack/$nap_group/memory.events"; do
+            [ -r "$f" ] || continue  # not made yet (its task is joining it), or v2 rather than v1
+            while read -r k v; do
+                if [ "$k" = oom_kill ] && [ "${v:-0}" -gt 0 ]; then
+                    "$nap_py" "$nap_cg" signal "$nap_stack" "$nap_group" KILL 0
+                    return
+                fi
+            done < "$f"
+        done
+        nap_nap 1
+    done
+}
+nap_term() {  # pass Slurm's TERM on: to the program's whole group, but the sandbox (it says how it ended)
+    if [ -n "$nap_group" ]; then
+        "$nap_py" "$nap_cg" signal "$nap_stack" "$nap_group" TERM "$nap_pid"
+    else
+        kill -TERM $nap_pid 2>/dev/null
+    fi
+}
 nap_end() {  # record how it ended, for after Slurm has forgotten the job
-    printf '%s %s\n' "$nap_code" "$nap_signalled" > "$nap_run/$nap_job.exit"
+    nap_oom=0
+    if [ -n "$nap_group" ]; then  # nothing of it outlives it; did the kernel kill any of it for memory?
+        nap_oom=$("$nap_py" "$nap_cg" end "$nap_stack" "$nap_group")
+        [ "${nap_oom:-0}" -gt 0 ] && nap_event "killed for memory: $nap_oom process(es) over its MemoryMax"
+    fi
+    printf '%s %s %s\n' "$nap_code" "$nap_signalled" "${nap_oom:-0}" > "$nap_run/$nap_job.exit"
     if [ "$nap_signalled" = 1 ]; then
         nap_event "exited with code $nap_code (signalled by Slurm)"
     else
@@ -128,10 +164,32 @@ def header(options: list[str]) -> str:
     return "\n".join(f"#SBATCH {opt}" for opt in options)
 
 
-def task_line(unit: units.Unit) -> str:
+@dataclass(frozen=True)
+class NodeSandbox:
+    """How a node sandboxes a unit with ``User=``: the stack (its control groups' folder), the folder to
+    hide (``NAP_HOME``), the node's Python and the copy of ``engines/cgroups.py`` it runs."""
+
+    stack: str
+    hidden: str
+    python: str
+    cgroups: str
+
+    def lines(self, unit: units.Unit) -> list[str]:
+        assert unit.user is not None and unit.group is not None
+        box = Sandbox(unit.user, unit.group, unit.workdir, hidden=(self.hidden,)).argv([])
+        return [
+            "nap_box=(" + " ".join(shlex.quote(w) for w in box) + ")",
+            f"nap_group={shlex.quote(unit.name)} nap_tasks={unit.tasks_max or 0} nap_stack={shlex.quote(self.stack)}",
+            f"nap_py={shlex.quote(self.python)} nap_cg={shlex.quote(self.cgroups)}",
+        ]
+
+
+def task_line(unit: units.Unit, sandbox: NodeSandbox | None = None) -> str:
     """What a common instance's array task runs once it has its port: the ``nap_exec`` of its unit (the
-    content of its task file, ``<tasks>/<instance>.sh``)."""
-    return exec_line(unit, "clean", ['"PORT=${PORT}"', '"NAP_HOST=${NAP_HOST}"']) + "\n"
+    content of its task file, ``<tasks>/<instance>.sh``), in its sandbox where it names its tenant."""
+    lines = sandbox.lines(unit) if sandbox is not None and unit.user is not None else []
+    lines.append(exec_line(unit, "clean", ['"PORT=${PORT}"', '"NAP_HOST=${NAP_HOST}"']))
+    return "\n".join(lines) + "\n"
 
 
 def array_script(run_dir: str, tasks_dir: str, base: str, offset: int, count: int, options: list[str]) -> str:
