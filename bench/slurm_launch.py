@@ -106,7 +106,12 @@ def one_round(args, r: int) -> dict:
                 redis.url,
                 etcd.endpoint if etcd else "",
                 engine="slurm",
-                extra_env={**cluster.env, "NAP_PORT_RANGE": "30000-39999", "NAP_MAX_COUNT": str(max(1000, args.count))},
+                extra_env={
+                    **cluster.env,
+                    "NAP_PORT_RANGE": "30000-39999",
+                    "NAP_MAX_COUNT": str(max(1000, args.count)),
+                    "NAP_SANDBOX": args.sandbox,
+                },
             )
             stack.start()
             user, client = stack.add_user("bench")
@@ -119,13 +124,17 @@ def one_round(args, r: int) -> dict:
             rec = stack.wait_job(client, job["job"], timeout=900)
             took = time.perf_counter() - t0
             assert rec["state"] == "succeeded", rec
-            assert rec["result"]["running"] == args.count, rec["result"]["running"]
+            if rec["result"]["running"] != args.count:
+                down = [i for i in rec["result"]["instances"] if i["state"] != "running"]
+                tail = client.lines(f"/v1/instances/{down[0]['name']}/journal", lines=20)
+                raise AssertionError(f"{len(down)} not running, {down[:3]}; the first's journal:\n" + "\n".join(tail))
             ports = asyncio.run(count_ports(stack, user))
             assert ports == args.count, ports
             return {
                 "round": r + 1,
                 "engine": "slurm",
                 "store": args.store,
+                "sandbox": args.sandbox,
                 "instances": args.count,
                 "nap_seconds": round(took, 3),
                 "nap_per_second": round(args.count / took, 1),
@@ -152,6 +161,7 @@ def main() -> int:
     ap.add_argument("--count", type=int, default=1000)
     ap.add_argument("--store", choices=["etcd", "redis"], default="etcd")
     ap.add_argument("--rounds", type=int, default=1)
+    ap.add_argument("--sandbox", choices=["on", "off"], default="on", help="off: NAP_SANDBOX=off (unisolated)")
     args = ap.parse_args()
     for r in range(args.rounds):
         print(json.dumps(one_round(args, r)), flush=True)

@@ -19,8 +19,7 @@ Layout (``<stack>`` is the stack's namespace, ``<name>`` the instance's name):
 group with ``Group.join(pid)`` before it runs anything of the tenant's: the agent starts the sandbox
 blocked and releases it once joined, so no child is born outside the group.
 
-Standard library only: a Slurm node runs this file as it is (``python3 cgroups.py join|signal|end``,
-see ``main``), where nap-orch itself is not installed.
+A Slurm task keeps the same layout from bash (``engines.slurm.scripts``: ``nap_cg_*``).
 """
 
 from __future__ import annotations
@@ -28,7 +27,6 @@ from __future__ import annotations
 import errno
 import os
 import signal
-import sys
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -244,41 +242,3 @@ class Hierarchy:
 
     def group(self, name: str) -> Group:
         return Group(self, name)
-
-
-def main(argv: list[str]) -> int:
-    """The node side of a Slurm task (``engines.slurm.scripts``), run as root:
-
-    - ``join STACK NAME MEMORY TASKS PID``: make the group with its limits (0: none) and move PID in;
-    - ``signal STACK NAME SIGNAL PID``: send SIGNAL to every process of the group but PID;
-    - ``end STACK NAME``: kill what is left of the group, print its OOM kills, remove it.
-    """
-    command, stack, name, *rest = argv
-    hierarchy = Hierarchy.detect(stack)
-    if hierarchy is None:
-        print(f"nap: no usable cgroup hierarchy on this node for {name}", file=sys.stderr)
-        return 1
-    group = hierarchy.group(name)
-    if command == "join":
-        memory, tasks, pid = (int(x) for x in rest)
-        group.create(Limits(memory or None, tasks or None)).join(pid)
-    elif command == "signal":
-        sig, keep = signal.Signals["SIG" + rest[0]], int(rest[1])
-        for pid in group.pids():
-            if pid != keep:
-                try:
-                    os.kill(pid, sig)
-                except ProcessLookupError:
-                    pass
-    elif command == "end":
-        if group.exists:
-            group.kill()
-            print(group.oom_kills())
-            group.remove()
-        else:
-            print(0)
-    return 0
-
-
-if __name__ == "__main__":
-    sys.exit(main(sys.argv[1:]))

@@ -38,7 +38,6 @@ import json
 import logging
 import os
 import shlex
-import shutil
 import time
 from collections.abc import AsyncIterator, Callable, Iterable
 from pathlib import Path
@@ -49,7 +48,6 @@ from ...config import Settings
 from ...errors import BadRequest, EngineError, Exhausted, NotFound
 from ...names import PROFILE, InstanceName, Kind
 from ...store import open_store
-from .. import cgroups
 from ..base import RUNNING, STARTING, STOPPED, Engine, InstanceStatus, UnitSpec
 from ..journal import last_lines, read_from
 from ..ports import Ports
@@ -82,28 +80,14 @@ class SlurmEngine(Engine):
         self.ports = Ports(self.store, settings.port_range, in_flight=256)
         root = settings.home / "slurm"
         self.journal_dir, self.run_dir, self.tasks_dir = root / "journal", root / "run", root / "tasks"
-        # Nodes run this copy of engines/cgroups.py (nap-orch need not be installed there) with their
-        # own Python, to put a sandboxed task into its control group.
-        self.node_cgroups = root / "bin" / "cgroups.py"
-        self.sandbox = (
-            scripts.NodeSandbox(
-                settings.namespace,
-                str(settings.home),
-                shutil.which("python3", path=units.SYSTEM_PATH) or "python3",
-                str(self.node_cgroups),
-            )
-            if settings.sandbox
-            else None
-        )
+        self.sandbox = scripts.NodeSandbox(settings.namespace, str(settings.home)) if settings.sandbox else None
         self._units: dict[str, tuple[str, units.Unit | None]] = {}
         self._opened = False
 
     async def open(self) -> SlurmEngine:
         if not self._opened:
-            for d in (self.journal_dir, self.run_dir, self.tasks_dir, self.node_cgroups.parent):
+            for d in (self.journal_dir, self.run_dir, self.tasks_dir):
                 d.mkdir(parents=True, exist_ok=True)
-            if self.sandbox is not None:
-                await asyncio.to_thread(self._install_node_cgroups)
             await self.store.open()
             self._opened = True
         return self
@@ -111,11 +95,6 @@ class SlurmEngine(Engine):
     async def close(self) -> None:
         await self.store.close()
         self._opened = False
-
-    def _install_node_cgroups(self) -> None:
-        tmp = self.node_cgroups.with_name(f".cgroups.py.{os.getpid()}")
-        shutil.copyfile(cgroups.__file__, tmp)
-        os.replace(tmp, self.node_cgroups)  # a task starting meanwhile reads the old copy or the new
 
     # -- names, paths, records -------------------------------------------------------------------
     def desired_key(self, name: str) -> str:

@@ -57,7 +57,86 @@ nap_wait_port() {  # the port the control plane assigns to this job on this node
     done
     nap_event "started on $NAP_HOST port $PORT (job $nap_job)"
 }
-nap_box=() nap_group=""  # a sandboxed unit's task file sets them (and nap_cg, nap_py, nap_stack, nap_tasks)
+nap_box=() nap_group=""  # a sandboxed unit's task file sets them (and nap_stack, nap_tasks)
+# The instance's control group (as engines/cgroups.py keeps it, in bash: no process to start): one
+# folder on cgroup v2, one per controller (memory, pids, freezer) on v1.
+nap_cg_dirs() {
+    local c
+    if [ -r /sys/fs/cgroup/cgroup.controllers ]; then
+        nap_cg=("/sys/fs/cgroup/nap-$nap_stack/$nap_group")
+    else
+        nap_cg=()
+        for c in memory pids freezer; do nap_cg+=("/sys/fs/cgroup/$c/nap-$nap_stack/$nap_group"); done
+    fi
+}
+nap_cg_join() {  # MEMORY_BYTES: this (sub)shell into the instance's group, under its limits
+    local mem=$1 d base
+    nap_cg_dirs
+    base=${nap_cg[0]%/*}
+    if [ ${#nap_cg[@]} -eq 1 ]; then
+        if [ ! -d "$base" ]; then
+            mkdir -p "$base" && echo "+memory +pids" > /sys/fs/cgroup/cgroup.subtree_control &&
+                echo "+memory +pids" > "$base/cgroup.subtree_control" || return 1
+        fi
+        mkdir -p "${nap_cg[0]}" || return 1
+        if [ "$mem" -gt 0 ]; then
+            echo "$mem" > "${nap_cg[0]}/memory.max" || return 1
+            [ -e "${nap_cg[0]}/memory.swap.max" ] && echo 0 > "${nap_cg[0]}/memory.swap.max"
+        fi
+        echo "${nap_tasks:-max}" > "${nap_cg[0]}/pids.max" || return 1
+    else
+        mkdir -p "${nap_cg[@]}" || return 1
+        read -r d < "$base/memory.use_hierarchy"
+        [ "$d" = 1 ] || echo 1 > "$base/memory.use_hierarchy"  # limits hold for subgroups
+        if [ "$mem" -gt 0 ]; then  # a fresh group: memory first, then memory + swap (never below it)
+            echo "$mem" > "${nap_cg[0]}/memory.limit_in_bytes" || return 1
+            [ -e "${nap_cg[0]}/memory.memsw.limit_in_bytes" ] && echo "$mem" > "${nap_cg[0]}/memory.memsw.limit_in_bytes"
+        fi
+        echo "${nap_tasks:-max}" > "${nap_cg[1]}/pids.max" || return 1
+    fi
+    for d in "${nap_cg[@]}"; do echo "$BASHPID" > "$d/cgroup.procs" || return 1; done
+}
+nap_cg_pids() {  # the group's processes, into nap_cg_procs
+    nap_cg_procs=()
+    [ -r "${nap_cg[0]}/cgroup.procs" ] && mapfile -t nap_cg_procs < "${nap_cg[0]}/cgroup.procs"
+}
+nap_cg_signal() {  # SIGNAL [PID]: every process of the group but PID
+    local p
+    nap_cg_dirs
+    nap_cg_pids
+    for p in "${nap_cg_procs[@]}"; do [ "$p" = "$2" ] || kill -"$1" "$p" 2>/dev/null; done
+}
+nap_cg_kill() {  # every process of the group, forks in flight too (v1: while frozen)
+    local i
+    nap_cg_dirs
+    if [ ${#nap_cg[@]} -eq 1 ] && [ -e "${nap_cg[0]}/cgroup.kill" ]; then
+        echo 1 > "${nap_cg[0]}/cgroup.kill"
+    elif [ ${#nap_cg[@]} -eq 3 ] && [ -d "${nap_cg[2]}" ]; then
+        echo FROZEN > "${nap_cg[2]}/freezer.state"
+        for ((i = 0; i < 20; i++)); do
+            nap_cg_pids
+            [ ${#nap_cg_procs[@]} -eq 0 ] && break
+            kill -KILL "${nap_cg_procs[@]}" 2>/dev/null
+        done
+        echo THAWED > "${nap_cg[2]}/freezer.state"
+    else
+        nap_cg_signal KILL
+    fi
+}
+nap_cg_end() {  # kill what is left, count its OOM kills (into nap_oom), remove the group
+    local i k v
+    nap_oom=0
+    nap_cg_dirs
+    [ -d "${nap_cg[0]}" ] || return 0
+    nap_cg_kill
+    for ((i = 0; i < 50; i++)); do nap_cg_pids; [ ${#nap_cg_procs[@]} -eq 0 ] && break; nap_nap 0.1; done
+    for k in "${nap_cg[0]}/memory.events" "${nap_cg[0]}/memory.oom_control"; do
+        [ -r "$k" ] || continue
+        while read -r k v; do [ "$k" = oom_kill ] && nap_oom=$v; done < "$k"
+    done
+    rmdir "${nap_cg[@]}" 2>/dev/null
+    return 0
+}
 nap_exec() {  # clean|keep WORKDIR MEMORY_KB NAME=VALUE... -- ARGV...: runs it, sets nap_code
     local mode=$1 dir=$2 mem=$3 envs=()
     shift 3
@@ -71,7 +150,7 @@ nap_exec() {  # clean|keep WORKDIR MEMORY_KB NAME=VALUE... -- ARGV...: runs it, 
     fi
     if [ "$mode" = clean ] && [ -n "$nap_group" ]; then
         # into the instance's control group (its limits over the whole tree), then into its sandbox
-        ( "$nap_py" "$nap_cg" join "$nap_stack" "$nap_group" $((mem * 1024)) "$nap_tasks" "$BASHPID" || exit 203
+        ( nap_cg_join $((mem * 1024)) || { nap_event "cannot apply its limits (control group $nap_group)"; exit 203; }
           exec "${nap_box[@]}" env -i PATH="$PATH" HOME="${HOME:-/}" LANG="${LANG:-C.UTF-8}" "${envs[@]}" "$@" ) &
     elif [ "$mode" = clean ]; then
         ( [ "$mem" -gt 0 ] && ulimit -v "$mem"
@@ -96,7 +175,7 @@ nap_watch_oom() {  # systemd's OOMPolicy=stop: once the kernel kills any of its 
             [ -r "$f" ] || continue  # not made yet (its task is joining it), or v2 rather than v1
             while read -r k v; do
                 if [ "$k" = oom_kill ] && [ "${v:-0}" -gt 0 ]; then
-                    "$nap_py" "$nap_cg" signal "$nap_stack" "$nap_group" KILL 0
+                    nap_cg_kill
                     return
                 fi
             done < "$f"
@@ -106,7 +185,7 @@ nap_watch_oom() {  # systemd's OOMPolicy=stop: once the kernel kills any of its 
 }
 nap_term() {  # pass Slurm's TERM on: to the program's whole group, but the sandbox (it says how it ended)
     if [ -n "$nap_group" ]; then
-        "$nap_py" "$nap_cg" signal "$nap_stack" "$nap_group" TERM "$nap_pid"
+        nap_cg_signal TERM "$nap_pid"
     else
         kill -TERM $nap_pid 2>/dev/null
     fi
@@ -114,7 +193,7 @@ nap_term() {  # pass Slurm's TERM on: to the program's whole group, but the sand
 nap_end() {  # record how it ended, for after Slurm has forgotten the job
     nap_oom=0
     if [ -n "$nap_group" ]; then  # nothing of it outlives it; did the kernel kill any of it for memory?
-        nap_oom=$("$nap_py" "$nap_cg" end "$nap_stack" "$nap_group")
+        nap_cg_end
         [ "${nap_oom:-0}" -gt 0 ] && nap_event "killed for memory: $nap_oom process(es) over its MemoryMax"
     fi
     printf '%s %s %s\n' "$nap_code" "$nap_signalled" "${nap_oom:-0}" > "$nap_run/$nap_job.exit"
@@ -166,21 +245,18 @@ def header(options: list[str]) -> str:
 
 @dataclass(frozen=True)
 class NodeSandbox:
-    """How a node sandboxes a unit with ``User=``: the stack (its control groups' folder), the folder to
-    hide (``NAP_HOME``), the node's Python and the copy of ``engines/cgroups.py`` it runs."""
+    """How a node sandboxes a unit with ``User=`` (``engines.sandbox``, rendered here at submit), and
+    the stack its control groups are under (``nap-<stack>/<instance>``, made by the task itself)."""
 
     stack: str
-    hidden: str
-    python: str
-    cgroups: str
+    hidden: str  # NAP_HOME
 
     def lines(self, unit: units.Unit) -> list[str]:
         assert unit.user is not None and unit.group is not None
         box = Sandbox(unit.user, unit.group, unit.workdir, hidden=(self.hidden,)).argv([])
         return [
             "nap_box=(" + " ".join(shlex.quote(w) for w in box) + ")",
-            f"nap_group={shlex.quote(unit.name)} nap_tasks={unit.tasks_max or 0} nap_stack={shlex.quote(self.stack)}",
-            f"nap_py={shlex.quote(self.python)} nap_cg={shlex.quote(self.cgroups)}",
+            f"nap_group={shlex.quote(unit.name)} nap_tasks={unit.tasks_max or 'max'} nap_stack={shlex.quote(self.stack)}",
         ]
 
 
