@@ -14,6 +14,7 @@ import sys
 import time
 
 from ..config import Settings
+from ..engines.base import ENDED
 from .client import ApiError, Client
 
 
@@ -124,14 +125,7 @@ def cmd_remote(args) -> int:
         _out(args, r, r["text"].rstrip("\n"))
     elif op == "list_instances":
         r = c.get(f"/v1/apps/{args.service}/instances")
-        rows = [
-            f"{i['name']}\t{i['state']}"
-            + (f"({i['exit_code']})" if i.get("exit_code") is not None else "")
-            + f"\trestarts={i['restarts']}"
-            + (f"\t{i['port']['host']}:{i['port']['port']}" if i.get("port") else "")
-            for i in r["instances"]
-        ]
-        _out(args, r, "\n".join(rows))
+        _out(args, r, "\n".join(instance_row(i) for i in r["instances"]))
     elif op == "get_instances_num":
         r = c.get(f"/v1/apps/{args.service}/instances/count")
         _out(args, r, str(r["count"]))
@@ -176,6 +170,18 @@ def cmd_remote(args) -> int:
         r = c.post("/v1/users", {"name": args.name, "admin": args.admin})
         _out(args, r, r["token"])
     return 0
+
+
+def instance_row(i: dict) -> str:
+    """One line of ``list_instances``: name, state (with the exit code once it has ended: a running
+    instance's last exit code is history), restarts, where it listens."""
+    ended = i["state"] in ENDED and i.get("exit_code") is not None
+    return (
+        f"{i['name']}\t{i['state']}"
+        + (f"({i['exit_code']})" if ended else "")
+        + f"\trestarts={i['restarts']}"
+        + (f"\t{i['port']['host']}:{i['port']['port']}" if i.get("port") else "")
+    )
 
 
 def cmd_local(args) -> int:

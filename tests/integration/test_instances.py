@@ -32,7 +32,8 @@ ARGV_APP = {
     "profile": "command: python3 argv.py {a} --x={b} {port}\n",
     "argv.py": "import json, os, sys, time\n"
     "with open('argv.tmp', 'w') as f:\n"
-    "    json.dump({'argv': sys.argv[1:], 'port': os.environ['PORT']}, f)\n"
+    "    json.dump({'argv': sys.argv[1:], 'port': os.environ['PORT'],\n"
+    "               'instance': [os.environ['NAP_INSTANCE'], os.environ['NAP_INSTANCE_NUM']]}, f)\n"
     "os.rename('argv.tmp', 'argv.json')  # whole when it appears\n"
     "print('ready', flush=True)\n"
     "time.sleep(100000)\n",
@@ -89,6 +90,7 @@ def test_parameter_values_arrive_as_exact_single_arguments(engine_stack, engine_
             time.sleep(0.05)
         got = json.loads((folder / "argv.json").read_text())
         assert got["argv"] == [value, f"--x={value}", str(inst["port"])], value
+        assert got["instance"] == [inst["name"], str(inst["n"])]  # the name, and the number {instance} is
         unit = client.get(f"/v1/instances/{inst['name']}/unit")["text"]
         assert units.verify(unit, inst["name"] + ".service") == ""
     assert not Path("/tmp/nap-pwned").exists()

@@ -58,7 +58,8 @@ def render_unit(
         "HOME": str(folder),
         "NAP_USER": user,
         "NAP_APP": app,
-        "NAP_INSTANCE": str(slot.n),
+        "NAP_INSTANCE": slot.name,  # alice_web_common@3
+        "NAP_INSTANCE_NUM": str(slot.n),  # 3, as {instance} in the profile
     }
     if slot.port is not None:
         env["PORT"] = str(slot.port)

@@ -1,0 +1,23 @@
+"""What the nap command prints, without a server."""
+
+from __future__ import annotations
+
+from nap_orch.cli.main import instance_row
+
+
+def row(state: str, exit_code: int | None, port: dict | None = None) -> dict:
+    return {"name": "alice_web_common@3", "state": state, "exit_code": exit_code, "restarts": 0, "port": port}
+
+
+def test_a_running_instance_shows_no_stale_exit_code():
+    # stopped (143), then started again: its last exit code is history
+    assert instance_row(row("running", 143, {"host": "127.0.0.1", "port": 20002})) == (
+        "alice_web_common@3\trunning\trestarts=0\t127.0.0.1:20002"
+    )
+    assert instance_row(row("starting", 1)) == "alice_web_common@3\tstarting\trestarts=0"
+
+
+def test_an_ended_instance_shows_how_it_ended():
+    assert instance_row(row("stopped", 143)) == "alice_web_common@3\tstopped(143)\trestarts=0"
+    assert instance_row(row("oom", 137)) == "alice_web_common@3\toom(137)\trestarts=0"
+    assert instance_row(row("exited", None)) == "alice_web_common@3\texited\trestarts=0"
