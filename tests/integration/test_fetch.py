@@ -581,6 +581,22 @@ async def test_git_repository_is_cloned_without_its_git_folder(dest, tmp_path, f
     assert [p.name for p in dest.parent.iterdir()] == ["app"]
 
 
+def bare_clone(repo: Path, dest: Path) -> Path:
+    subprocess.run(["git", "clone", "-q", "--bare", str(repo), str(dest)], check=True)
+    return dest
+
+
+async def test_a_bare_repository_given_as_a_path_is_cloned_not_copied(dest, tmp_path):
+    repo = tmp_path / "repo"
+    head = make_repo(repo)
+    bare = bare_clone(repo, tmp_path / "app.git")
+
+    summary = await fetch(str(bare), dest, settings=settings(tmp_path))
+
+    assert sorted(p.name for p in dest.iterdir()) == ["app.py", "profile", "run.sh"]
+    assert summary["kind"] == "git" and summary["commit"] == head
+
+
 async def test_git_clone_failure_says_why(dest, tmp_path):
     port = closed_port()
 

@@ -109,3 +109,17 @@ def test_a_file_that_is_no_archive_is_named_so(tmp_path):
     path = tmp_path / "page.html"
     path.write_bytes(b"<html>not an archive</html>")
     assert archive.archive_format(path) == (None, b"<html>not an archive</html>")
+
+
+def test_an_error_quotes_a_bounded_prefix_of_a_name_and_no_staging_path(tmp_path):
+    long_name = "../" + "x" * 6000
+    with pytest.raises(FetchError) as err:
+        extract(tmp_path, [(long_name, b"data"), ("profile", b"command: true\n")])
+    message = err.value.message
+    assert "climbs out of the app folder" in message
+    assert len(message) < 300 and "(6003 characters)" in message
+    assert str(tmp_path) not in message
+    with pytest.raises(FetchError) as err:
+        (tmp_path / "second").mkdir()
+        extract(tmp_path / "second", [link("evil", "/" + "y" * 5000), ("profile", b"command: true\n")])
+    assert len(err.value.message) < 400 and "(5001 characters)" in err.value.message

@@ -31,7 +31,7 @@ from urllib.parse import unquote, urlsplit
 
 from ...config import Settings
 from ...errors import BadRequest
-from .common import ALLOWED, ALLOWED_LOCAL, Check, Log, Progress, proceed, quiet, remove
+from .common import ALLOWED, ALLOWED_LOCAL, Check, Log, Progress, proceed, quiet, remove, shown
 from .git import fetch_git
 from .http import fetch_archive_url
 from .local import fetch_local
@@ -117,7 +117,7 @@ def classify(url: str, settings: Settings) -> Source:
     if lower.startswith("file:"):
         parts = urlsplit(raw)
         if parts.netloc not in ("", "localhost"):
-            raise BadRequest(f"a file URL names a path on this server (file:///abs/path), not {raw!r}")
+            raise BadRequest(f"a file URL names a path on this server (file:///abs/path), not {shown(raw)}")
         path = unquote(parts.path)
     elif raw.startswith("/"):
         path = raw
@@ -125,15 +125,15 @@ def classify(url: str, settings: Settings) -> Source:
         scheme = urlsplit(raw).scheme
         if scheme:
             raise BadRequest(f"unsupported URL scheme {scheme + ':'!r}: use {allowed}")
-        raise BadRequest(f"not a URL: {raw!r}: use {allowed}")
+        raise BadRequest(f"not a URL: {shown(raw)}: use {allowed}")
     if not settings.allow_local_sources:
         raise BadRequest("local sources are not allowed on this server")
     if not path.startswith("/"):
-        raise BadRequest(f"a local source must be an absolute path, not {path!r}")
+        raise BadRequest(f"a local source must be an absolute path, not {shown(path)}")
     return Source("local", path)
 
 
 def with_host(url: str) -> str:
     if not urlsplit(url).hostname:
-        raise BadRequest(f"the URL has no host: {url!r}")
+        raise BadRequest(f"the URL has no host: {shown(url)}")
     return url

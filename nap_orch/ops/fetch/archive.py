@@ -19,7 +19,7 @@ from typing import IO
 
 from ...config import Settings
 from ...errors import FetchError
-from .common import CHUNK, MAX_LINK_TARGET, PROGRESS_EVERY, Check, Log, Stopped, human, in_thread
+from .common import CHUNK, MAX_LINK_TARGET, PROGRESS_EVERY, Check, Log, Stopped, human, in_thread, os_error, shown
 
 MAGIC = (
     (0, b"\x1f\x8b", "gzip"),
@@ -77,7 +77,8 @@ def extract(archive: Path, fmt: str, root: Path, settings: Settings, stop: threa
         NotImplementedError,
     ) as e:
         # Corrupt or truncated data, encrypted zip entries, unknown compression, a full disk.
-        raise FetchError(f"cannot extract the {fmt} archive: {e}") from e
+        why = os_error(e, root) if isinstance(e, OSError) else str(e)[:200]
+        raise FetchError(f"cannot extract the {fmt} archive: {why}") from e
     return app, tree.files, tree.bytes
 
 
@@ -95,9 +96,9 @@ def read_tar(archive: Path, tree: Tree) -> None:
             elif member.islnk():
                 tree.hardlink(member.name, member.linkname)
             elif member.ischr() or member.isblk() or member.isfifo():
-                raise FetchError(f"entry {member.name!r} is a device or fifo")
+                raise FetchError(f"entry {shown(member.name)} is a device or fifo")
             else:
-                raise FetchError(f"entry {member.name!r} has an unsupported type ({member.type!r})")
+                raise FetchError(f"entry {shown(member.name)} has an unsupported type ({member.type!r})")
 
 
 def read_zip(archive: Path, tree: Tree) -> None:
@@ -114,7 +115,7 @@ def read_zip(archive: Path, tree: Tree) -> None:
                 with zf.open(info) as data:
                     target = data.read(MAX_LINK_TARGET + 1)
                 if len(target) > MAX_LINK_TARGET:
-                    raise FetchError(f"symlink {name!r} has a target longer than {MAX_LINK_TARGET} bytes")
+                    raise FetchError(f"symlink {shown(name)} has a target longer than {MAX_LINK_TARGET} bytes")
                 tree.symlink(name, target.decode("utf-8", "surrogateescape"))
             elif info.is_dir() or kind == stat.S_IFDIR:
                 tree.directory(name)
@@ -122,7 +123,7 @@ def read_zip(archive: Path, tree: Tree) -> None:
                 with zf.open(info) as data:
                     tree.file(name, data, executable=bool(mode & 0o111))
             else:
-                raise FetchError(f"entry {name!r} is a device, fifo or socket")
+                raise FetchError(f"entry {shown(name)} is a device, fifo or socket")
 
 
 def copy_folder(source: Path, root: Path, settings: Settings, stop: threading.Event, say, skip=()):
@@ -152,12 +153,12 @@ def copy_folder(source: Path, root: Path, settings: Settings, stop: threading.Ev
                     with open(os.open(entry.path, os.O_RDONLY | os.O_NOFOLLOW), "rb") as data:
                         tree.file(name, data, executable=bool(mode & 0o111))
                 else:
-                    raise FetchError(f"{name!r} is a device, fifo or socket")
+                    raise FetchError(f"{shown(name)} is a device, fifo or socket")
         app = tree.finish(flatten=False)
     except (FetchError, Stopped):
         raise
     except OSError as e:
-        raise FetchError(f"cannot copy {source}: {e}") from e
+        raise FetchError(f"cannot copy {source}: {os_error(e, root)}") from e
     return app, tree.files, tree.bytes
 
 
@@ -198,7 +199,7 @@ class Tree:
     def file(self, name: str, data: IO[bytes] | None, *, executable: bool) -> None:
         rel, path = self._place(name, need_name=True)
         if data is None:
-            raise FetchError(f"entry {name!r} has no data")
+            raise FetchError(f"entry {shown(name)} has no data")
         path.parent.mkdir(parents=True, exist_ok=True)
         with open(os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_NOFOLLOW, 0o600), "wb") as out:
             os.fchmod(out.fileno(), 0o755 if executable else 0o644)
@@ -212,7 +213,9 @@ class Tree:
     def hardlink(self, name: str, target: str) -> None:
         target_rel = normalize(target, what="hard link target")
         if target_rel not in self._regular:
-            raise FetchError(f"hard link {name!r} points to {target!r}, which is not a file earlier in the archive")
+            raise FetchError(
+                f"hard link {shown(name)} points to {shown(target)}, which is not a file earlier in the archive"
+            )
         # A copy, not a link: the app's files share no inode with anything (and count toward max_extract).
         source = self.root / target_rel
         with open(source, "rb") as data:
@@ -221,14 +224,14 @@ class Tree:
     def symlink(self, name: str, target: str) -> None:
         rel, path = self._place(name, need_name=True)
         if not target or "\0" in target:
-            raise FetchError(f"symlink {name!r} has an empty or invalid target")
+            raise FetchError(f"symlink {shown(name)} has an empty or invalid target")
         if target.startswith("/"):
-            raise FetchError(f"symlink {name!r} points to an absolute path ({target})")
+            raise FetchError(f"symlink {shown(name)} points to an absolute path ({shown(target)})")
         resolved = posixpath.normpath(posixpath.join(posixpath.dirname(rel), target))
         if resolved == ".." or resolved.startswith("../"):
-            raise FetchError(f"symlink {name!r} points outside the app ({target})")
+            raise FetchError(f"symlink {shown(name)} points outside the app ({shown(target)})")
         if os.path.lexists(path):
-            raise FetchError(f"entry {name!r} appears twice")
+            raise FetchError(f"entry {shown(name)} appears twice")
         self._symlinks[rel] = target
         self.files += 1
 
@@ -243,7 +246,7 @@ class Tree:
                 path.parent.mkdir(parents=True, exist_ok=True)
                 os.symlink(target, path)
             except FileExistsError:
-                raise FetchError(f"entry {rel!r} appears twice") from None
+                raise FetchError(f"entry {shown(rel)} appears twice") from None
         app = self.root
         if flatten:
             top = list(self.root.iterdir())
@@ -252,7 +255,7 @@ class Tree:
         inside = Path(os.path.realpath(app))
         for rel, target in self._symlinks.items():
             if not Path(os.path.realpath(self.root / rel)).is_relative_to(inside):
-                raise FetchError(f"symlink {rel!r} resolves outside the app ({target})")
+                raise FetchError(f"symlink {shown(rel)} resolves outside the app ({shown(target)})")
         return app
 
     def _place(self, name: str, *, need_name: bool = False) -> tuple[str, Path]:
@@ -260,7 +263,7 @@ class Tree:
         rel = normalize(name, what="entry")
         if not rel:
             if need_name:
-                raise FetchError(f"entry {name!r} has no name")
+                raise FetchError(f"entry {shown(name)} has no name")
             return rel, self.root
         self.entries += 1
         self.expect(self.entries)
@@ -268,9 +271,9 @@ class Tree:
         for i in range(1, len(parts)):
             prefix = "/".join(parts[:i])
             if prefix in self._symlinks:
-                raise FetchError(f"entry {name!r} lies under the symlink {prefix!r}")
+                raise FetchError(f"entry {shown(name)} lies under the symlink {shown(prefix)}")
         if rel in self._symlinks:
-            raise FetchError(f"entry {name!r} appears twice")
+            raise FetchError(f"entry {shown(name)} appears twice")
         self._check_stop()
         return rel, self.root.joinpath(*parts)
 
@@ -294,10 +297,10 @@ def normalize(name: str, *, what: str) -> str:
     Returns "" for the root itself.
     """
     if name.startswith("/"):
-        raise FetchError(f"{what} {name!r} has an absolute path")
+        raise FetchError(f"{what} {shown(name)} has an absolute path")
     parts = [part for part in name.split("/") if part not in ("", ".")]
     if ".." in parts:
-        raise FetchError(f"{what} {name!r} climbs out of the app folder (..)")
+        raise FetchError(f"{what} {shown(name)} climbs out of the app folder (..)")
     if any("\0" in part for part in parts):
-        raise FetchError(f"{what} {name!r} has an invalid name")
+        raise FetchError(f"{what} {shown(name)} has an invalid name")
     return "/".join(parts)

@@ -38,6 +38,26 @@ class Stopped(Exception):
     """Raised in a worker thread when the coroutine waiting for it gave up (``check`` raised)."""
 
 
+SHOWN = 120  # characters of a name or URL an error message quotes
+
+
+def shown(text: str) -> str:
+    """``text`` as an error message quotes a name, a link target or a URL the user gave: its repr, cut
+    to ``SHOWN`` characters (a 6 KB member name is not worth echoing whole)."""
+    if len(text) <= SHOWN:
+        return repr(text)
+    return f"{text[:SHOWN]!r}... ({len(text)} characters)"
+
+
+def os_error(e: OSError, root: Path) -> str:
+    """An OSError as an error message says it: its reason and the file relative to the app, never the
+    server's staging path."""
+    name = str(e.filename or "")
+    if name.startswith(str(root)):
+        name = name[len(str(root)) :].lstrip("/") or "."
+    return f"{e.strerror or e}: {shown(name)}" if name else str(e.strerror or e)
+
+
 async def in_thread(func: Callable, log: Log, check: Check):
     """Run ``func(stop, say)`` in a thread while relaying what it says to ``log`` and awaiting ``check``.
 

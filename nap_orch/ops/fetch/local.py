@@ -14,8 +14,15 @@ from .common import Check, Log, in_thread
 from .git import fetch_git
 
 
+def is_bare_repository(path: Path) -> bool:
+    """A bare git repository (``git init --bare``, a server's copy): no work tree, its HEAD, objects and
+    refs at its top. Copied as a folder it would be git's internals, not the app."""
+    return (path / "HEAD").is_file() and (path / "objects").is_dir() and (path / "refs").is_dir()
+
+
 async def fetch_local(path: Path, work: Path, settings: Settings, log: Log, check: Check) -> tuple[Path, dict]:
-    """A local git repository is cloned, a folder copied, a file extracted as an archive."""
+    """A local git repository (with a work tree or bare) is cloned, a folder copied, a file extracted as
+    an archive."""
     try:
         mode = path.stat().st_mode
     except FileNotFoundError:
@@ -23,7 +30,7 @@ async def fetch_local(path: Path, work: Path, settings: Settings, log: Log, chec
     except OSError as e:
         raise FetchError(f"cannot read {path}: {e.strerror}") from None
     if stat.S_ISDIR(mode):
-        if (path / ".git").exists():
+        if (path / ".git").exists() or is_bare_repository(path):
             # file://, not a plain path: git ignores --depth for plain local paths.
             return await fetch_git(path.resolve().as_uri(), work, settings, log, check, protocols="file")
         if work.resolve().is_relative_to(path.resolve()):
