@@ -371,6 +371,12 @@ class Supervisor:
         inst.out_off = inst.err_off = 0
         self.tail_dirty = True
         group, block = inst.group, None
+        if self.settings.sandbox and group is None:  # a restart or a recovery, now that it can't be sandboxed
+            record.started_at = time.time()
+            why = self.unavailable or "its unit has no User="
+            self._after_exit(inst, exit_of(EXIT_EXEC, None, spawn_error=f"failed to start: cannot sandbox it: {why}"))
+            self._save(inst)
+            return
         try:
             if group is not None:
                 assert self.isolation is not None and unit.user is not None and unit.group is not None
