@@ -359,3 +359,27 @@ def test_memory_max_holds_for_a_slurm_tasks_whole_tree(slurm_stack, file_server,
     text = wait_journal(client, name, r"killed for memory", timeout=90)
     assert text.count("holding 80 MiB") < 3 or re.search(r"holding 80 MiB(.|\n)*killed for memory", text)
     client.post(f"/v1/instances/{name}/stop", {})
+
+
+def test_an_instance_the_agent_can_no_longer_sandbox_is_not_started_unsandboxed(
+    tmp_path_factory, redis_server, etcd_server, file_server, tmp_path
+):
+    s = NapStack(tmp_path_factory.mktemp("nap-lost"), redis_server.url, etcd_server.endpoint, extra_env=LIMITS)
+    s.start()
+    above = s.home.parent
+    try:
+        user, client = s.add_user()
+        deployed(s, client, file_server, tmp_path, {"profile": "command: sleep 100000\n"}, "z")
+        name = start(s, client, "z", {})["result"]["instances"][0]["name"]
+        s.kill("agent")
+        for pid in s.instance_pids(f"{user}_z_"):  # it dies while the agent is down
+            os.kill(pid, 9)
+        above.chmod(0o700)  # now no tenant can pass through to its folder: no sandbox can be made
+        s.start_agent()
+        st = wait_instance(client, name, lambda st: "cannot sandbox it" in st["message"], timeout=30)
+        assert "does not let other users pass through" in st["message"]
+        assert s.instance_pids(f"{user}_z_") == []  # not run as the agent's own user instead
+        assert "cannot sandbox instances" in s.log("agent")
+    finally:
+        above.chmod(0o711)
+        s.stop()
