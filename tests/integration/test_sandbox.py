@@ -151,11 +151,10 @@ def test_a_blocked_sandbox_joined_as_a_tree_runs_wholly_in_its_group(home):
         time.sleep(0.3)  # bubblewrap has cloned its (blocked) sandbox by now, outside the group
         group.join_tree(proc.pid)
         os.write(write, b"1")
+        # setpriv+bwrap, bwrap's pid 1, sh (now sleep), and the two escapers, all in the group
         deadline = time.monotonic() + 20
-        while not (mine / "mark").exists() and time.monotonic() < deadline:
+        while not ((mine / "mark").exists() and len(group.pids()) >= 5) and time.monotonic() < deadline:
             time.sleep(0.05)
-        time.sleep(0.3)
-        # setpriv+bwrap, bwrap's sandbox, its pid 1, sh (now sleep), and two escapers at least
         pids = group.pids()
         assert len(pids) >= 5, pids
         assert proc.pid in pids

@@ -132,39 +132,28 @@ def render_run(
     if host is not None:
         env["NAP_HOST"] = host
     common = ["--run", str(run), "--hosts", str(hosts)]
-    specs = []
-    master = InstanceName(user, app, Kind.MPI_MASTER, str(run))
-    specs.append(
-        units.Unit(
-            name=master.name,
-            description=f"nap MPI app {user}_{app} run {run}: master",
-            argv=["python3", RANK, "master", *common, "--", *argv],
+
+    def unit(name: InstanceName, role: str, argv: list[str], memory_max: int | None = None) -> units.Unit:
+        """One of the run's units: all share the folder, the tenant, the settings and no restarts."""
+        return units.Unit(
+            name=name.name,
+            description=f"nap MPI app {user}_{app} run {run}: {role}",
+            argv=["python3", RANK, *argv],
             workdir=str(folder),
-            env={**env, "NAP_INSTANCE": master.name, "NAP_INSTANCE_NUM": str(run)},
-            memory_max=memory,
+            env={**env, "NAP_INSTANCE": name.name, "NAP_INSTANCE_NUM": str(run)},
+            memory_max=memory_max,
             tasks_max=settings.tasks_max,
             user=uid,
             group=uid,
             restart="no",
             stop_timeout=settings.stop_timeout,
         )
-    )
+
+    master = InstanceName(user, app, Kind.MPI_MASTER, str(run))
+    specs = [unit(master, "master", ["master", *common, "--", *argv], memory)]
     for i in range(1, hosts + 1):
         slave = InstanceName(user, app, Kind.MPI_SLAVE, f"{run}-{i}")
-        specs.append(
-            units.Unit(
-                name=slave.name,
-                description=f"nap MPI app {user}_{app} run {run}: slave {i}",
-                argv=["python3", RANK, "slave", *common, "--index", str(i)],
-                workdir=str(folder),
-                env={**env, "NAP_INSTANCE": slave.name, "NAP_INSTANCE_NUM": str(run)},
-                tasks_max=settings.tasks_max,
-                user=uid,
-                group=uid,
-                restart="no",
-                stop_timeout=settings.stop_timeout,
-            )
-        )
+        specs.append(unit(slave, f"slave {i}", ["slave", *common, "--index", str(i)]))
     try:
         return [UnitSpec(u.name, units.render(u)) for u in specs]
     except ValueError as e:
