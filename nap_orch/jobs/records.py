@@ -7,20 +7,48 @@ queued -> running -> succeeded | failed | cancelled (running -> queued again whe
 
 from __future__ import annotations
 
+import asyncio
 import enum
 import json
+import logging
 import time
 import uuid
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import asdict, dataclass, field
-from typing import Any
+from typing import Any, TypeVar
 
 import redis.asyncio as aioredis
+import redis.exceptions
 
 from ..errors import Conflict, NotFound
 from ..keys import RedisKeys
 
 STREAM_MAXLEN = 10_000  # events kept per job / per user stream (approximate trim)
+ALIVE_TTL_S = 20  # a running job's mark of life expires this long after its worker last renewed it
+
+log = logging.getLogger("nap.job")
+R = TypeVar("R")
+
+# What a Redis that is restarting or unreachable raises (BusyLoadingError, while it loads its data, is
+# a ConnectionError).
+UNREACHABLE = (redis.exceptions.ConnectionError, redis.exceptions.TimeoutError, ConnectionError)
+
+
+async def persistently(write: Callable[[], Awaitable[R]], what: str, wait: float) -> R:
+    """``write()``, tried again across a Redis outage for up to ``wait`` seconds (0.2 s doubling to 5 s
+    between tries); then its error is raised. For a job's writes that must not be lost: its final state
+    and the events that go with it."""
+    deadline = time.monotonic() + wait
+    pause = 0.2
+    while True:
+        try:
+            return await write()
+        except UNREACHABLE as e:
+            if time.monotonic() + pause > deadline:
+                raise
+            log.warning("%s: Redis unreachable (%s); trying again in %.1f s", what, e, pause)
+            await asyncio.sleep(pause)
+            pause = min(pause * 2, 5.0)
 
 
 class JobState(enum.StrEnum):
@@ -66,16 +94,19 @@ class Job:
 
 
 # Moves a job to a new state only from the allowed ones and appends the state event to the job's and
-# the user's streams, atomically (a reader that sees the final state also finds its event); returns
-# the old state or nil. ARGV: allowed states (JSON), maxlen, event fields (JSON), then field/value pairs.
+# the user's streams, atomically (a reader that sees the final state also finds its event); a job that
+# ends leaves the set of active jobs. Returns the old state or nil. KEYS: record, job stream, user
+# stream, active set. ARGV: allowed states (JSON), maxlen, event fields (JSON), "1" if the new state
+# is terminal, then field/value pairs.
 _TRANSITION = """
 local cur = redis.call('HGET', KEYS[1], 'state')
 if not cur then return false end
 local allowed = cjson.decode(ARGV[1])
 for _, s in ipairs(allowed) do
   if cjson.encode(s) == cur then
-    for i = 4, #ARGV, 2 do redis.call('HSET', KEYS[1], ARGV[i], ARGV[i+1]) end
+    for i = 5, #ARGV, 2 do redis.call('HSET', KEYS[1], ARGV[i], ARGV[i+1]) end
     local ev = cjson.decode(ARGV[3])
+    if ARGV[4] == '1' then redis.call('ZREM', KEYS[4], ev.job) end
     local fields = {'type', ev.type, 'job', ev.job, 'kind', ev.kind, 't', ev.t, 'data', ev.data}
     redis.call('XADD', KEYS[2], 'MAXLEN', '~', ARGV[2], '*', unpack(fields))
     redis.call('XADD', KEYS[3], 'MAXLEN', '~', ARGV[2], '*', unpack(fields))
@@ -109,6 +140,7 @@ class JobStore:
         async with self.redis.pipeline(transaction=True) as p:
             p.hset(self.keys.job(job.id), mapping=job.to_hash())
             p.zadd(self.keys.user_jobs(user), {job.id: job.created})
+            p.zadd(self.keys.active_jobs, {job.id: job.created})
             await p.execute()
         await self.emit(job, "state", {"state": job.state, "kind": kind, "args": args})
         return job
@@ -149,10 +181,16 @@ class JobStore:
             json.dumps([s.value for s in allowed]),
             STREAM_MAXLEN,
             json.dumps(self._event(job, "state", data)),
+            "1" if to.terminal else "0",
         ]
         for k, v in updates.items():
             argv += [k, json.dumps(v)]
-        keys = [self.keys.job(job.id), self.keys.job_events(job.id), self.keys.user_events(job.user)]
+        keys = [
+            self.keys.job(job.id),
+            self.keys.job_events(job.id),
+            self.keys.user_events(job.user),
+            self.keys.active_jobs,
+        ]
         if not await self._transition(keys=keys, args=argv):
             return False
         for k, v in updates.items():
@@ -181,6 +219,10 @@ class JobStore:
             return job
         await self.emit(job, "log", {"line": "cancel requested: stopping at the next step"})
         return await self.get(job.id)
+
+    async def mark_alive(self, job_id: str) -> None:
+        """Say that a worker runs the job now (renewed every few seconds while it does)."""
+        await self.redis.set(self.keys.job_alive(job_id), "1", ex=ALIVE_TTL_S)
 
     async def cancel_requested(self, job_id: str) -> bool:
         return (await self.redis.hget(self.keys.job(job_id), "cancel_requested")) == b"true"

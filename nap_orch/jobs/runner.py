@@ -3,6 +3,8 @@ and gives the domain code a ``JobContext`` to log, report progress and honour ca
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
 import logging
 import time
 import traceback
@@ -15,7 +17,7 @@ from ..engines.registry import open_engine
 from ..errors import Cancelled, NapError
 from ..store import open_store
 from ..store.base import Store
-from .records import Job, JobState, JobStore
+from .records import ALIVE_TTL_S, Job, JobState, JobStore, persistently
 
 log = logging.getLogger("nap.job")
 
@@ -68,16 +70,22 @@ class JobContext:
         return self.rt.engine
 
     async def log(self, line: str) -> None:
-        """A worker log line for this job: into its event stream and the worker's log."""
+        """A worker log line for this job: into its event stream and the worker's log (waiting out a
+        Redis outage of up to ``job_write_wait`` seconds, as the job's other writes do)."""
         log.info("[%s %s] %s", self.job.kind, self.job.id, line)
-        await self.rt.jobs.emit(self.job, "log", {"line": line})
+        await self._emit("log", {"line": line})
 
     async def progress(self, done: int, total: int, force: bool = False, **extra) -> None:
         """Progress of long work; throttled to a few events per second."""
         now = time.monotonic()
         if force or done >= total or now - self._last_progress >= 0.2:
             self._last_progress = now
-            await self.rt.jobs.emit(self.job, "progress", {"done": done, "total": total, **extra})
+            await self._emit("progress", {"done": done, "total": total, **extra})
+
+    async def _emit(self, type_: str, data: dict) -> None:
+        await persistently(
+            lambda: self.rt.jobs.emit(self.job, type_, data), f"job {self.job.id} event", self.settings.job_write_wait
+        )
 
     async def check(self) -> None:
         """A step boundary: raises Cancelled if the user cancelled the job."""
@@ -93,9 +101,13 @@ async def run_job(rt: Runtime, job_id: str, fn: JobFn, max_attempts: int) -> Non
 
     User-facing errors (NapError) fail the job at once. Anything else is retried by raising it to
     dramatiq until ``max_attempts`` attempts (a worker killed mid-job also counts as an attempt).
+    The job's state changes are written before its message is acknowledged, waiting out a Redis outage
+    of up to ``job_write_wait`` seconds; while it runs, the job is marked alive for the reaper
+    (``jobs.reaper``), which resolves a job whose message and worker were both lost.
     """
     await rt.open()
     jobs = rt.jobs
+    wait = rt.settings.job_write_wait
     try:
         job = await jobs.get(job_id)
     except NapError:
@@ -104,8 +116,24 @@ async def run_job(rt: Runtime, job_id: str, fn: JobFn, max_attempts: int) -> Non
     if JobState(job.state).terminal:
         log.info("job %s already %s; not running it again", job_id, job.state)
         return
+    await jobs.mark_alive(job.id)
     if not await jobs.start_attempt(job):
         return
+    beat = asyncio.create_task(_keep_alive(jobs, job.id))
+    try:
+        await _attempt(rt, job, fn, max_attempts, wait)
+    finally:
+        beat.cancel()
+        with contextlib.suppress(asyncio.CancelledError):
+            await beat
+
+
+async def _attempt(rt: Runtime, job: Job, fn: JobFn, max_attempts: int, wait: float) -> None:
+    jobs = rt.jobs
+
+    async def end(to: JobState, **fields) -> None:
+        await persistently(lambda: jobs.transition(job, to, {JobState.RUNNING}, **fields), f"job {job.id} {to}", wait)
+
     ctx = JobContext(job, rt)
     if job.attempts > 1:
         await ctx.log(f"attempt {job.attempts} (an earlier attempt did not finish)")
@@ -113,20 +141,26 @@ async def run_job(rt: Runtime, job_id: str, fn: JobFn, max_attempts: int) -> Non
         await ctx.check()
         result = await fn(ctx, **job.args)
     except Cancelled as e:
-        await jobs.transition(job, JobState.CANCELLED, {JobState.RUNNING}, error=e.message)
+        await end(JobState.CANCELLED, error=e.message)
     except NapError as e:
-        await jobs.transition(job, JobState.FAILED, {JobState.RUNNING}, error=e.message)
+        await end(JobState.FAILED, error=e.message)
     except Exception as e:  # a bug or an infrastructure failure: maybe transient
         reason = f"{type(e).__name__}: {e}"
-        log.error("job %s attempt %d failed:\n%s", job_id, job.attempts, traceback.format_exc())
+        log.error("job %s attempt %d failed:\n%s", job.id, job.attempts, traceback.format_exc())
         if job.attempts >= max_attempts:
-            await jobs.transition(
-                job, JobState.FAILED, {JobState.RUNNING}, error=f"{reason} (after {job.attempts} attempts)"
-            )
+            await end(JobState.FAILED, error=f"{reason} (after {job.attempts} attempts)")
             return
-        await jobs.transition(
-            job, JobState.QUEUED, {JobState.RUNNING}, error=f"attempt {job.attempts} failed: {reason}; retrying"
-        )
+        await end(JobState.QUEUED, error=f"attempt {job.attempts} failed: {reason}; retrying")
         raise
     else:
-        await jobs.transition(job, JobState.SUCCEEDED, {JobState.RUNNING}, result=result, error=None)
+        await end(JobState.SUCCEEDED, result=result, error=None)
+
+
+async def _keep_alive(jobs: JobStore, job_id: str) -> None:
+    """Renew the job's mark of life every few seconds; a Redis outage only skips renewals."""
+    while True:
+        await asyncio.sleep(ALIVE_TTL_S / 4)
+        try:
+            await jobs.mark_alive(job_id)
+        except Exception as e:  # noqa: BLE001 - the job goes on; the reaper waits for a lost mark
+            log.warning("job %s: could not renew its mark of life: %s", job_id, e)

@@ -436,7 +436,7 @@ async def test_list_matches_the_prefix(agent, tmp_path):
 
 
 async def test_engine_says_when_the_agent_is_not_running(tmp_path):
-    engine = LocalEngine(Settings(home=tmp_path))
+    engine = LocalEngine(Settings(home=tmp_path, agent_wait=0))  # else it waits 15 s for one to start
     try:
         with pytest.raises(
             EngineError, match=r"nap agent is not running \(no socket at .*\): start it with `nap agent`"

@@ -9,6 +9,7 @@ import time
 from pathlib import Path
 
 import pytest
+import yaml
 
 from nap_orch.cli.client import ApiError
 from nap_orch.store.etcd import EtcdStore
@@ -148,9 +149,11 @@ def test_cli_user_add_and_deploy_wait(stack, file_server, tmp_path):
     assert out.returncode != 0 and "invalid token" in out.stderr
 
 
-def test_docker_compose_file_is_valid():
+def test_docker_compose_file_is_valid_and_restarts_every_service():
     root = Path(__file__).resolve().parents[2]  # the repository
     out = subprocess.run(
-        ["docker-compose", "-f", "docker-compose.yml", "config", "-q"], cwd=root, capture_output=True, text=True
+        ["docker-compose", "-f", "docker-compose.yml", "config"], cwd=root, capture_output=True, text=True
     )
     assert out.returncode == 0, out.stderr
+    services = yaml.safe_load(out.stdout)["services"]
+    assert {name: s.get("restart") for name, s in services.items()} == dict.fromkeys(services, "unless-stopped")

@@ -72,3 +72,96 @@ def test_nap_up_serves_the_api_and_stops_with_everything_it_started(tmp_path):
     # its Redis, etcd, agent, worker and API are gone with it
     left = subprocess.run(["pgrep", "-f", str(tmp_path / "home")], capture_output=True, text=True).stdout.split()
     assert left == []
+
+
+def _part(home, marker: bytes) -> int:
+    """The pid of the part of the stack at ``home`` whose command line holds ``marker``."""
+    found = _parts(home, marker)
+    assert found, f"no {marker!r} process of {home}"
+    return found[0]
+
+
+def _parts(home, marker: bytes = b"") -> list[int]:
+    """The processes of the stack at ``home`` (by their environment), whose command line holds ``marker``."""
+    found = []
+    for pid in filter(str.isdigit, os.listdir("/proc")):
+        try:
+            cmdline = open(f"/proc/{pid}/cmdline", "rb").read()
+            environ = open(f"/proc/{pid}/environ", "rb").read()
+        except OSError:
+            continue
+        if marker in cmdline and f"NAP_HOME={home}".encode() in environ.split(b"\0"):
+            found.append(int(pid))
+    return found
+
+
+def test_nap_up_restarts_a_part_that_dies_and_goes_on_serving(tmp_path):
+    port = free_port()
+    home = tmp_path / "home"
+    env = {k: v for k, v in os.environ.items() if not k.startswith("NAP_")}
+    env["NAP_HOME"] = str(home)
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "nap_orch", "up", "--port", str(port)],
+        env=env,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+        start_new_session=True,
+    )
+
+    def read_until(prefix: str, timeout: float = 90) -> str:
+        lines = []
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            line = proc.stdout.readline()
+            assert line, "".join(lines)
+            lines.append(line)
+            if line.startswith(prefix):
+                return "".join(lines)
+        raise AssertionError(f"no {prefix!r} within {timeout} s:\n" + "".join(lines))
+
+    def call(path: str, token: str, body: dict | None = None) -> dict:
+        req = urllib.request.Request(
+            f"http://127.0.0.1:{port}{path}",
+            data=json.dumps(body).encode() if body is not None else None,
+            headers={"Authorization": f"Bearer {token}", "Content-Type": "application/json"},
+        )
+        with urllib.request.urlopen(req, timeout=10) as resp:
+            return json.loads(resp.read())
+
+    try:
+        text = read_until("Ctrl-C stops everything")
+        token = text.split("NAP_TOKEN=", 1)[1].split()[0]
+        worker = _part(home, b"dramatiq")
+        os.kill(worker, signal.SIGKILL)  # as the kernel's OOM killer would
+        text = read_until("nap up: worker restarted")
+        assert "nap up: worker killed by SIGKILL" in text and "restarting it in 1 s" in text, text
+        api = _part(home, b"nap_orch\0api")
+        os.kill(api, signal.SIGKILL)
+        text = read_until("nap up: api restarted")
+        deadline = time.monotonic() + 30
+        while True:  # the restarted API answers ...
+            try:
+                with urllib.request.urlopen(f"http://127.0.0.1:{port}/health", timeout=2) as resp:
+                    if resp.status == 200:
+                        break
+            except OSError:
+                assert time.monotonic() < deadline, "the restarted API does not answer"
+                time.sleep(0.2)
+        # ... and the restarted worker runs jobs
+        user_token = call("/v1/users", token, {"name": "dora"})["token"]
+        app = tmp_path / "app"
+        app.mkdir()
+        (app / "profile").write_text("command: sleep 1000\n")
+        job = call("/v1/apps", user_token, {"app": "snooze", "url": str(app)})["job"]
+        deadline = time.monotonic() + 60
+        while (record := call(f"/v1/jobs/{job}", user_token))["state"] not in ("succeeded", "failed"):
+            assert time.monotonic() < deadline, record
+            time.sleep(0.2)
+        assert record["state"] == "succeeded", record
+        assert proc.poll() is None  # nap up itself never stopped
+    finally:
+        proc.send_signal(signal.SIGTERM)
+        code = proc.wait(60)
+    assert code == 0
+    assert _parts(home) == []  # no part, and nothing a killed part left behind

@@ -4,6 +4,7 @@ or an MPI run, wait for a job or an instance, read the state store, run the CLI.
 from __future__ import annotations
 
 import asyncio
+import json
 import os
 import subprocess
 import sys
@@ -11,6 +12,8 @@ import tarfile
 import time
 import uuid
 from pathlib import Path
+
+import redis
 
 from nap_orch.store.etcd import EtcdStore
 
@@ -134,3 +137,21 @@ def wait_until(check, timeout: float, what: str, interval: float = 0.2) -> None:
         if time.monotonic() > deadline:
             raise AssertionError(f"waited {timeout:g} s for {what}")
         time.sleep(interval)
+
+
+def drop_messages(stack, job_id: str) -> int:
+    """Remove the job's messages from dramatiq's queues and workers' hands, as a Redis restarted from an
+    append-only file a second behind can have lost them; how many there were."""
+    r = redis.Redis.from_url(stack.env["NAP_REDIS_URL"])
+    ns = f"{stack.namespace}:dramatiq"
+    dropped = 0
+    for queue in (f"{ns}:nap", f"{ns}:nap.DQ"):
+        for rid, raw in r.hgetall(f"{queue}.msgs").items():
+            if json.loads(raw)["args"] == [job_id]:
+                r.hdel(f"{queue}.msgs", rid)
+                r.lrem(queue, 0, rid)
+                for acks in r.scan_iter(f"{ns}:__acks__.*"):
+                    r.srem(acks, rid)
+                dropped += 1
+    r.close()
+    return dropped

@@ -123,6 +123,14 @@ class _Server:
             process.kill()
             process.wait()
 
+    def kill(self) -> None:
+        """SIGKILL, as a crash or the OOM killer would: no chance to save anything."""
+        process, self.process = self.process, None
+        _running.discard(self)
+        if process is not None and process.poll() is None:
+            process.kill()
+            process.wait()
+
     def restart(self) -> None:
         """Stop and start again on the same ports with the same data folder."""
         self.stop()
@@ -220,12 +228,14 @@ def redis_server_binary() -> str:
 
 
 class RedisServer(_Server):
-    """A throwaway redis-server without persistence."""
+    """A throwaway redis-server: without persistence, or with ``appendonly`` as production runs it (an
+    append-only file synced every second, which a restart replays)."""
 
     name = "redis"
 
-    def __init__(self, data_dir: str | os.PathLike, binary: str | None = None):
+    def __init__(self, data_dir: str | os.PathLike, binary: str | None = None, appendonly: bool = False):
         super().__init__(data_dir)
+        self.appendonly = appendonly
         self.binary = binary or redis_server_binary()
         self.port = free_port()
         self.password = secrets.token_urlsafe(16)
@@ -245,7 +255,8 @@ class RedisServer(_Server):
             "--bind", "127.0.0.1",
             "--dir", str(self.data_dir),
             "--save", "",
-            "--appendonly", "no",
+            "--appendonly", "yes" if self.appendonly else "no",
+            "--appendfsync", "everysec",
             "--daemonize", "no",
         ]  # fmt: skip
 

@@ -5,7 +5,10 @@ The agent's HTTP API on its unix socket is described in ``http.py``.
 
 from __future__ import annotations
 
+import asyncio
+import logging
 import os
+import time
 from collections.abc import AsyncIterator
 from urllib.parse import quote
 
@@ -16,6 +19,7 @@ from ...errors import BadRequest, Conflict, EngineError, NotFound
 from ..base import Engine, InstanceStatus, UnitSpec
 
 _ERRORS = {400: BadRequest, 404: NotFound, 409: Conflict}
+log = logging.getLogger("nap.engine")
 
 
 class LocalEngine(Engine):
@@ -64,14 +68,28 @@ class LocalEngine(Engine):
         raise _ERRORS.get(resp.status, EngineError)(message or f"the nap agent answered {resp.status}")
 
     async def _call(self, method: str, path: str, *, json=None, params=None, text: bool = False):
-        try:
-            async with self._client().request(method, "http://nap-agent" + path, json=json, params=params) as resp:
-                await self._raise_for(resp)
-                return await resp.text() if text else await resp.json()
-        except aiohttp.ClientConnectorError as e:
-            raise self._not_running(e) from None
-        except (aiohttp.ClientError, ConnectionError) as e:
-            raise EngineError(f"the nap agent failed to answer: {e}") from None
+        """One call of the agent's API. An agent that cannot be reached or goes away mid-call (killed and
+        being restarted: ``nap up`` brings it back within a second or two) is tried again for up to
+        ``agent_wait`` seconds (a new agent removes the old socket before it loads its instances and
+        listens again, so a missing socket is no sign that none is coming): every call is safe to repeat (a unit submitted again with the same
+        text is left running as it is; remove, stop and status are idempotent)."""
+        deadline = time.monotonic() + self.settings.agent_wait
+        pause = 0.2
+        while True:
+            try:
+                async with self._client().request(method, "http://nap-agent" + path, json=json, params=params) as resp:
+                    await self._raise_for(resp)
+                    return await resp.text() if text else await resp.json()
+            except (aiohttp.ClientConnectionError, ConnectionError) as e:
+                if time.monotonic() + pause > deadline:
+                    if isinstance(e, aiohttp.ClientConnectorError):
+                        raise self._not_running(e) from None
+                    raise EngineError(f"the nap agent failed to answer: {e}") from None
+                log.warning("the nap agent did not answer %s %s (%s); trying again in %.1f s", method, path, e, pause)
+                await asyncio.sleep(pause)
+                pause = min(pause * 2, 2.0)
+            except aiohttp.ClientError as e:
+                raise EngineError(f"the nap agent failed to answer: {e}") from None
 
     @staticmethod
     def _status(data: dict) -> InstanceStatus:

@@ -15,7 +15,7 @@ from ... import keys, units
 from ...config import Settings
 from ...engines.base import RUNNING, InstanceStatus, UnitSpec
 from ...engines.ports import Ports, bindable
-from ...errors import AppError, BadRequest, Exhausted
+from ...errors import AppError, BadRequest, EngineError, Exhausted
 from ...store.base import Store
 from .. import apps, profile, tenants
 from ..context import Context
@@ -232,9 +232,18 @@ async def publish_ports(
 async def rollback(
     ctx: Context, user: str, app: str, slots: list[Slot], submitted: list[str], host: str | None, ports: dict[str, int]
 ) -> None:
-    """Undo a launch: remove units, folders, port keys and reservations. Nothing half-started stays."""
+    """Undo a launch: remove units, folders, port keys and reservations. Nothing half-started stays;
+    units the engine could not remove keep their folders, numbers and ports (nothing reuses them), and
+    stay listed with their state."""
     if submitted:
-        await ctx.engine.remove(submitted)
+        try:
+            await ctx.engine.remove(submitted)
+        except EngineError as e:
+            await ctx.log(
+                f"could not remove the {len(submitted)} unit(s) submitted so far ({e.message}): they keep "
+                "their numbers and ports, and list_instances shows them"
+            )
+            return
     settings = ctx.settings
 
     def remove_folders() -> None:

@@ -1,0 +1,174 @@
+"""Faults survived with nothing lost: jobs whose message Redis lost are resolved by the reaper; a Redis
+killed and restarted (from its append-only file), etcd frozen, the agent or the worker killed in the
+middle of a launch; the API restarted under a client following a job's events.
+
+After each: the job ends (within the documented bound: the waits below), the app has all of the
+launch's instances or none (a rollback), and no two instances share a number or a port.
+"""
+
+from __future__ import annotations
+
+import http.client
+import json
+import os
+import signal
+import time
+
+import pytest
+
+from nap_orch.cli.client import ApiError
+from tests.support.apps import write_app
+from tests.support.fixtures import LIMITS
+from tests.support.flows import deployed, drop_messages, publish, wait_state
+from tests.support.services import RedisServer
+from tests.support.stack import NapStack
+
+SLEEPER = {"profile": "command: sleep 100000\n"}
+
+
+def job_states(client, job_id: str) -> list[str]:
+    return [e["data"]["state"] for e in client.events(f"/v1/jobs/{job_id}/events") if e["event"] == "state"]
+
+
+def test_a_queued_job_whose_message_was_lost_is_queued_again(stack, user, file_server, tmp_path):
+    name, client = user
+    url = publish(file_server, write_app(tmp_path / "src", SLEEPER), "tgz")
+    stack.kill("worker")
+    try:
+        job = client.post("/v1/apps", {"app": "lost", "url": url})["job"]
+        assert drop_messages(stack, job) == 1
+        deadline = time.monotonic() + 30
+        while "requeued by the platform" not in (client.get(f"/v1/jobs/{job}")["error"] or ""):
+            assert time.monotonic() < deadline, client.get(f"/v1/jobs/{job}")
+            time.sleep(0.2)
+    finally:
+        stack.start_worker()
+    record = stack.wait_job(client, job, 60)
+    assert record["state"] == "succeeded" and record["attempts"] == 1, record
+    assert job_states(client, job) == ["queued", "queued", "running", "succeeded"]
+
+
+def test_a_running_job_whose_worker_and_message_were_lost_runs_again_once(stack, user, file_server, tmp_path):
+    name, client = user
+    deployed(stack, client, file_server, tmp_path, SLEEPER, "many")
+    job = client.post("/v1/apps/many/instances", {"params": {}, "count": 30})["job"]
+    wait_state(stack, client, job, "running")
+    stack.kill("worker")  # SIGKILL mid-launch ...
+    assert drop_messages(stack, job) == 1  # ... and its message lost: nothing would ever redeliver it
+    stack.start_worker()
+    record = stack.wait_job(client, job, 90)  # the mark of life expires (20 s), the grace (3 s), attempt 2
+    assert record["state"] == "succeeded" and record["attempts"] == 2, record
+    assert job_states(client, job) == ["queued", "running", "queued", "running", "succeeded"]
+    rows = client.get("/v1/apps/many/instances")["instances"]
+    assert sorted(int(r["instance"]) for r in rows) == list(range(1, 31))
+    assert len({json.dumps(r["port"], sort_keys=True) for r in rows}) == 30
+
+
+@pytest.fixture(params=["etcd", "redis"])
+def own_stack(request, tmp_path_factory):
+    """A stack on a Redis of its own, which the test may kill: with its append-only file, as production
+    runs Redis; its state store in etcd (the session's) or in that Redis."""
+    server = RedisServer(tmp_path_factory.mktemp("redis-aof"), appendonly=True)
+    server.start()
+    etcd = request.getfixturevalue("etcd_server").endpoint if request.param == "etcd" else ""
+    stack = NapStack(tmp_path_factory.mktemp("nap-f"), server.url, etcd, extra_env=LIMITS)
+    stack.redis = server
+    stack.start()
+    yield stack
+    stack.stop()
+    server.stop()
+
+
+def settle(stack: NapStack, client, job: str, timeout: float = 150.0) -> dict:
+    """The job's record once it ended, through the API (which answers 503 while Redis is down)."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        try:
+            record = client.get(f"/v1/jobs/{job}")
+        except ApiError as e:
+            if e.status != 503:  # only "unavailable" is expected, while Redis is down
+                raise
+            record = {}
+        if record.get("state") in ("succeeded", "failed", "cancelled"):
+            return record
+        time.sleep(0.2)
+    raise AssertionError(f"job {job} did not end in {timeout} s: {record}\n{stack.log('worker')[-4000:]}")
+
+
+def all_or_none(client, app: str, count: int, record: dict) -> None:
+    rows = client.get(f"/v1/apps/{app}/instances")["instances"]
+    numbers = sorted(int(r["instance"]) for r in rows)
+    if record["state"] == "succeeded":
+        assert numbers == list(range(1, count + 1)), (record, numbers)
+        assert {r["state"] for r in rows} == {"running"}, rows
+    else:
+        assert numbers == [], (record, numbers)  # a failed launch rolls back
+    assert len({json.dumps(r["port"], sort_keys=True) for r in rows}) == len(rows)
+
+
+@pytest.mark.parametrize("point", [None, 0.0, 0.25, 0.5])
+def test_redis_killed_and_restarted_during_a_launch(own_stack, file_server, tmp_path, point):
+    """Redis SIGKILLed before a worker takes the launch (``None``), or that many seconds after the launch
+    began running (reserving, submitting, writing the end: 200 instances take about a second here)."""
+    name, client = own_stack.add_user()
+    deployed(own_stack, client, file_server, tmp_path, SLEEPER, "many")
+    time.sleep(1.1)  # the user and the app are in the append-only file (it syncs every second)
+    job = client.post("/v1/apps/many/instances", {"params": {}, "count": 200})["job"]
+    if point is not None:
+        wait_state(own_stack, client, job, "running")
+        time.sleep(point)
+    own_stack.redis.kill()
+    time.sleep(2)
+    own_stack.redis.start()
+    record = settle(own_stack, client, job)
+    assert record["state"] in ("succeeded", "failed"), record
+    all_or_none(client, "many", 200, record)
+
+
+def test_the_agent_killed_during_a_launch(own_stack, file_server, tmp_path):
+    name, client = own_stack.add_user()
+    deployed(own_stack, client, file_server, tmp_path, SLEEPER, "many")
+    job = client.post("/v1/apps/many/instances", {"params": {}, "count": 100})["job"]
+    wait_state(own_stack, client, job, "running")
+    time.sleep(0.3)
+    own_stack.kill("agent")
+    time.sleep(1)
+    own_stack.start_agent()
+    record = settle(own_stack, client, job)
+    assert record["state"] in ("succeeded", "failed"), record
+    all_or_none(client, "many", 100, record)
+
+
+def test_etcd_frozen_during_a_launch(stack, user, file_server, tmp_path, etcd_server):
+    name, client = user
+    deployed(stack, client, file_server, tmp_path, SLEEPER, "many")
+    job = client.post("/v1/apps/many/instances", {"params": {}, "count": 100})["job"]
+    wait_state(stack, client, job, "running")
+    os.kill(etcd_server.process.pid, signal.SIGSTOP)
+    try:
+        time.sleep(5)
+    finally:
+        os.kill(etcd_server.process.pid, signal.SIGCONT)
+    record = settle(stack, client, job)
+    assert record["state"] in ("succeeded", "failed"), record
+    all_or_none(client, "many", 100, record)
+
+
+def test_a_client_following_a_job_across_an_api_restart_sees_every_event_once(stack, user, file_server, tmp_path):
+    name, client = user
+    deployed(stack, client, file_server, tmp_path, SLEEPER, "many")
+    job = client.post("/v1/apps/many/instances", {"params": {}, "count": 200})["job"]
+    seen: list[dict] = []
+    try:
+        for ev in client.events(f"/v1/jobs/{job}/events"):
+            seen.append(ev)
+            if len(seen) == 3:  # the API goes away under the client, which reads what reached it
+                stack.kill("api", signal.SIGKILL)
+    except (OSError, http.client.HTTPException):
+        pass
+    assert len(seen) >= 3
+    stack.start_api()
+    seen += client.events(f"/v1/jobs/{job}/events", last_id=seen[-1]["id"])
+    everything = list(client.events(f"/v1/jobs/{job}/events"))
+    assert [e["id"] for e in seen] == [e["id"] for e in everything]
+    assert seen[-1]["event"] == "state" and seen[-1]["data"]["state"] == "succeeded"
