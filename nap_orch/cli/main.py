@@ -35,6 +35,19 @@ def _params(words: list[str]) -> dict | str:
     return ",".join(words)
 
 
+def _count(text: str) -> int:
+    """``--count``: a whole number of at least 1 (0 would silently mean the profile's ``scale:``)."""
+    try:
+        n = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"must be a whole number of at least 1, not {text!r}") from None
+    if n < 1:
+        raise argparse.ArgumentTypeError(
+            f"must be at least 1, not {n} (leave --count out to start the profile's scale:)"
+        )
+    return n
+
+
 def _split_pairs(text: str) -> list[str]:
     # "a=1,b=2" -> ["a=1", "b=2"]; a comma inside a value is kept when not followed by "name=".
     return re.split(r",(?=[A-Za-z_][A-Za-z0-9_-]*=)", text)
@@ -142,7 +155,7 @@ def cmd_remote(args) -> int:
         _out(args, r, f"{r['name']}: {r['state']}")
     elif op == "start_common":
         body = {"params": _params(args.params)}
-        if args.count:
+        if args.count is not None:
             body["count"] = args.count
         return _submitted(args, c, c.post(f"/v1/apps/{args.service}/instances", body))
     elif op == "start_mpi":
@@ -258,7 +271,7 @@ def parser() -> argparse.ArgumentParser:
         s.add_argument("params", nargs="*", help="k=v pairs, or the seed's para_str (values comma-joined)")
         s.add_argument("--wait", action="store_true")
         if name == "start_common":
-            s.add_argument("--count", type=int)
+            s.add_argument("--count", type=_count, help="how many (default: the profile's scale:, else 1)")
     op("jobs", "your jobs").add_argument("--state")
     op("job", "one job's record").add_argument("id")
     op("watch", "follow a job's events until it ends").add_argument("id")

@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
-from nap_orch.cli.main import instance_row
+import pytest
+
+from nap_orch.cli.main import instance_row, parser
 
 
 def row(state: str, exit_code: int | None, port: dict | None = None) -> dict:
@@ -21,3 +23,17 @@ def test_an_ended_instance_shows_how_it_ended():
     assert instance_row(row("stopped", 143)) == "alice_web_common@3\tstopped(143)\trestarts=0"
     assert instance_row(row("oom", 137)) == "alice_web_common@3\toom(137)\trestarts=0"
     assert instance_row(row("exited", None)) == "alice_web_common@3\texited\trestarts=0"
+
+
+@pytest.mark.parametrize("count", ["0", "-3", "two", "1.5"])
+def test_count_must_be_a_whole_number_of_at_least_one(count, capsys):
+    with pytest.raises(SystemExit) as e:
+        parser().parse_args(["start_common", "web", "--count", count])
+    assert e.value.code == 2
+    err = capsys.readouterr().err
+    assert "argument --count: must be" in err and "at least 1" in err
+
+
+def test_count_given_or_left_to_the_profile():
+    assert parser().parse_args(["start_common", "web", "a=1", "--count", "3"]).count == 3
+    assert parser().parse_args(["start_common", "web", "a=1"]).count is None
