@@ -14,6 +14,12 @@ PROFILE = "profile"
 MPI_XML = "mpi.xml"
 
 NAME_RE = re.compile(r"[a-z][a-z0-9-]{0,30}")
+# What no name or value given by a user may hold, wherever it ends up (a unit's line, a log line, an event):
+# control characters (C0, DEL and C1, U+0085 included: Unicode category Cc), lone surrogates (Cs: not
+# text, they can't even be encoded) and the line and paragraph separators (Zl, Zp: U+2028, U+2029), which
+# end a line for some readers. Those categories are fixed by Unicode, so this class is exactly them
+# (tests/unit/test_names.py checks it against ``unicodedata`` over every code point).
+CONTROL_RE = re.compile(r"[\x00-\x1f\x7f-\x9f\u2028\u2029\ud800-\udfff]")
 # What an engine accepts as a unit's instance name (no ``.service``): wider than the platform's own
 # names (``InstanceName``), narrow enough to be a file name and a systemd unit name.
 UNIT_NAME_RE = re.compile(r"[A-Za-z0-9][A-Za-z0-9:_.@-]{0,200}")
@@ -44,6 +50,12 @@ class Kind(enum.StrEnum):
     @property
     def mpi(self) -> bool:
         return self is not Kind.COMMON
+
+
+def control_character(text: str) -> str | None:
+    """The first character of ``text`` that no user's name or value may hold (``CONTROL_RE``), or None."""
+    m = CONTROL_RE.search(text)
+    return m[0] if m else None
 
 
 def check_name(value, what: str = "name") -> str:

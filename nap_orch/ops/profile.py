@@ -6,19 +6,23 @@ Words in ``{}`` are parameters. The platform fills ``{port}``, ``{instance}``, `
 
 from __future__ import annotations
 
+import math
 import re
 import shlex
 from dataclasses import dataclass, field
 from pathlib import Path
 
 from ..errors import AppError, BadRequest
-from ..names import MPI_XML, PROFILE
+from ..names import MPI_XML, PROFILE, control_character
 
 PLATFORM_PARAMS = ("port", "instance", "host", "user", "app")
 PARAM_RE = re.compile(r"\{([A-Za-z_][A-Za-z0-9_-]*)\}")
-CONTROL_RE = re.compile(r"[\x00-\x1f\x7f]")
 MEMORY_RE = re.compile(r"(?i)\s*([0-9]+)\s*([kmgt]?)i?b?\s*")
 UNITS = {"": 1, "k": 1024, "m": 1024**2, "g": 1024**3, "t": 1024**4}
+# What a launch may carry: parameters, the length of a name and of a value (characters).
+MAX_PARAMS = 100
+MAX_PARAM_NAME = 128
+MAX_VALUE = 4096
 
 
 @dataclass
@@ -131,24 +135,50 @@ def split_command(command: str) -> list[str]:
     return words
 
 
+def _shown(name: str) -> str:
+    """A name as errors quote it: its first 40 characters (it may be anything a client sent)."""
+    return name if len(name) <= 40 else name[:40] + "..."
+
+
+def check_text(value: str, what: str) -> str:
+    """``value`` if it holds no control character, line or paragraph separator (``names.CONTROL_RE``:
+    what a unit refuses too, so the API and the worker agree); else BadRequest naming ``what``."""
+    ch = control_character(value)
+    if ch is not None:
+        raise BadRequest(f"{what}: control characters and line breaks are not allowed (U+{ord(ch):04X})")
+    return value
+
+
 def check_values(params: dict, required: list[str]) -> dict[str, str]:
-    """Validate user parameter values: all required given, none unknown, no control characters."""
+    """Validate user parameter values: at most ``MAX_PARAMS``, none unknown, each a string (a number is
+    taken as its text) of at most ``MAX_VALUE`` characters without control characters. BadRequest
+    names the parameter."""
     if not isinstance(params, dict):
         raise BadRequest("params must be an object of name -> value")
+    if len(params) > MAX_PARAMS:
+        raise BadRequest(f"params has {len(params)} entries; at most {MAX_PARAMS} are allowed")
+    for k in params:
+        if not isinstance(k, str):
+            raise BadRequest("parameter names must be strings")
+        if len(k) > MAX_PARAM_NAME:
+            raise BadRequest(f"parameter name {_shown(k)!r} is longer than {MAX_PARAM_NAME} characters")
+        check_text(k, f"parameter name {_shown(k)!r}")
     unknown = [k for k in params if k not in required]
     if unknown:
         raise BadRequest(
-            f"unknown parameter(s) {', '.join(map(str, unknown))}; this app takes: {', '.join(required) or 'none'}"
+            f"unknown parameter(s) {', '.join(map(_shown, unknown))}; this app takes: {', '.join(required) or 'none'}"
         )
     out = {}
     for k, v in params.items():
+        if isinstance(v, float) and not math.isfinite(v):
+            raise BadRequest(f"parameter {k}: value must be a string or a finite number")
         if isinstance(v, (int, float)) and not isinstance(v, bool):
             v = str(v)
         if not isinstance(v, str):
             raise BadRequest(f"parameter {k}: value must be a string")
-        if CONTROL_RE.search(v):
-            raise BadRequest(f"parameter {k}: control characters and newlines are not allowed")
-        out[k] = v
+        if len(v) > MAX_VALUE:
+            raise BadRequest(f"parameter {k}: value is longer than {MAX_VALUE} characters")
+        out[k] = check_text(v, f"parameter {k}")
     return out
 
 
@@ -156,12 +186,25 @@ def missing(params: dict[str, str], required: list[str]) -> list[str]:
     return [p for p in required if p not in params]
 
 
+def launch_values(params: dict, required: list[str]) -> dict[str, str]:
+    """``check_values``, and every parameter of the app given (else BadRequest naming the missing)."""
+    values = check_values(params, required)
+    absent = missing(values, required)
+    if absent:
+        raise BadRequest(f"missing parameter(s): {', '.join(absent)}")
+    return values
+
+
 def para_str_to_params(para_str: str, names: list[str]) -> dict[str, str]:
     """The seed's form: values in get_parameters' order, comma-joined."""
+    if not isinstance(para_str, str):
+        raise BadRequest("para_str must be a string (values comma-joined)")
+    if len(para_str) > MAX_PARAMS * (MAX_VALUE + 1):
+        raise BadRequest(f"para_str is longer than {MAX_PARAMS * (MAX_VALUE + 1)} characters")
     values = para_str.split(",") if para_str != "" else []
     if len(values) != len(names):
         raise BadRequest(f"para_str has {len(values)} value(s) but the app takes {len(names)}: {','.join(names)}")
-    return dict(zip(names, values))
+    return dict(zip(names, values, strict=True))
 
 
 def substitute(text: str, values: dict[str, str]) -> str:

@@ -2,10 +2,14 @@
 
 from __future__ import annotations
 
+import sys
+import unicodedata
+
 import pytest
 
+from nap_orch import units
 from nap_orch.errors import BadRequest
-from nap_orch.names import InstanceName, Kind, check_name, is_unit_name, split_service
+from nap_orch.names import CONTROL_RE, InstanceName, Kind, check_name, control_character, is_unit_name, split_service
 
 
 def test_instance_names_parse_into_their_parts():
@@ -66,3 +70,22 @@ def test_user_and_app_names():
     assert split_service("alice_web") == ("alice", "web")
     with pytest.raises(BadRequest, match="you are 'bob'"):
         split_service("alice_web", user="bob")
+
+
+def test_the_control_class_is_exactly_unicodes_control_surrogate_and_separator_categories():
+    refused = {c for c in range(sys.maxunicode + 1) if unicodedata.category(chr(c)) in ("Cc", "Cs", "Zl", "Zp")}
+    assert {c for c in range(sys.maxunicode + 1) if CONTROL_RE.fullmatch(chr(c))} == refused
+
+
+@pytest.mark.parametrize("ch", ["\n", "\t", "\x00", "\x7f", "\x85", "\x9b", "\u2028", "\u2029", "\ud800"])
+def test_what_the_api_refuses_a_unit_refuses_too(ch):
+    # the API's check (names.control_character) and the worker's (units.check_value) agree
+    assert control_character(f"a{ch}b") == ch
+    with pytest.raises(ValueError, match="control character"):
+        units.check_value(f"a{ch}b", "value")
+
+
+@pytest.mark.parametrize("text", ["a b", "caf\u00e9", "\u00a0nbsp", "\u200bzero-width", "\U0001f600", "\u3000"])
+def test_ordinary_text_and_spaces_pass(text):
+    assert control_character(text) is None
+    assert units.check_value(text, "value") == text

@@ -85,6 +85,45 @@ def test_values_must_be_known_strings_without_control_characters():
     assert profile.missing({"a": "1"}, ["a", "b"]) == ["b"]
 
 
+@pytest.mark.parametrize("ch", ["\x85", "\u2028", "\u2029", "\x1b", "\x7f", "\ud800"])
+def test_unicode_line_breaks_and_controls_are_refused_in_values_and_names(ch):
+    with pytest.raises(BadRequest, match=r"parameter a: control characters .*U\+"):
+        profile.check_values({"a": f"x{ch}y"}, ["a"])
+    with pytest.raises(BadRequest, match="parameter name .*control characters"):
+        profile.check_values({f"a{ch}": "x"}, ["a"])
+
+
+def test_values_and_params_are_bounded():
+    assert profile.check_values({"a": "x" * profile.MAX_VALUE}, ["a"]) == {"a": "x" * profile.MAX_VALUE}
+    with pytest.raises(BadRequest, match="parameter a: value is longer than 4096"):
+        profile.check_values({"a": "x" * (profile.MAX_VALUE + 1)}, ["a"])
+    many = {f"p{i}": "1" for i in range(profile.MAX_PARAMS + 1)}
+    with pytest.raises(BadRequest, match="at most 100"):
+        profile.check_values(many, list(many))
+    with pytest.raises(BadRequest, match="longer than 128"):
+        profile.check_values({"n" * 1000: "1"}, ["a"])
+    with pytest.raises(BadRequest, match=r"unknown parameter\(s\) z{40}\.\.\.;"):  # quoted, not echoed whole
+        profile.check_values({"z" * 100: "1"}, ["a"])
+
+
+@pytest.mark.parametrize("value", [None, True, {"x": 1}, [1], float("nan"), float("inf")])
+def test_values_of_other_types_are_refused(value):
+    with pytest.raises(BadRequest, match="parameter a: value must be a string"):
+        profile.check_values({"a": value}, ["a"])
+
+
+def test_a_launch_needs_every_parameter():
+    assert profile.launch_values({"a": "1", "b": 2}, ["a", "b"]) == {"a": "1", "b": "2"}
+    with pytest.raises(BadRequest, match="missing parameter\\(s\\): b, c"):
+        profile.launch_values({"a": "1"}, ["a", "b", "c"])
+
+
+@pytest.mark.parametrize("para_str", [123, ["1"], None])
+def test_para_str_must_be_a_string(para_str):
+    with pytest.raises(BadRequest, match="para_str must be a string"):
+        profile.para_str_to_params(para_str, ["a"])
+
+
 def test_para_str_is_the_values_in_parameter_order():
     assert profile.para_str_to_params("1,two", ["a", "b"]) == {"a": "1", "b": "two"}
     assert profile.para_str_to_params("", []) == {}
