@@ -8,7 +8,9 @@ directly from Python, bare, and the same N started directly inside the same sand
     python bench/bulk_launch.py --sandbox off  # instances unsandboxed (NAP_SANDBOX=off)
 
 It starts its own Redis, etcd, agent, worker and API in a temporary folder and removes everything after.
-The tiny app is ``sleep`` (a Python app would measure Python's start-up, not nap-orch).
+The tiny app is ``sleep`` (a Python app would measure Python's start-up, not nap-orch). Meanwhile
+another user reads its own app's instance count 20 times a second: its latency during the launch is
+reported beside the same reads' with nothing else going on, measured just before.
 """
 
 from __future__ import annotations
@@ -18,9 +20,11 @@ import asyncio
 import json
 import os
 import signal
+import statistics
 import subprocess
 import sys
 import tempfile
+import threading
 import time
 from pathlib import Path
 
@@ -96,6 +100,42 @@ def sandboxed_baseline(n: int, folder: Path) -> float | None:
     return took
 
 
+class Reader(threading.Thread):
+    """Another user reading while the launch runs: GET its app's instance count, again and again; the
+    latency of each (seconds)."""
+
+    def __init__(self, client, app: str):
+        super().__init__(daemon=True)
+        self.client, self.app = client, app
+        self.latencies: list[float] = []
+        self.stop = threading.Event()
+
+    def run(self) -> None:
+        while not self.stop.is_set():
+            t0 = time.perf_counter()
+            self.client.get(f"/v1/apps/{self.app}/instances/count")
+            self.latencies.append(time.perf_counter() - t0)
+            time.sleep(0.05)  # 20 a second: under the per-user request rate
+
+    def figures(self) -> dict:
+        lat = sorted(self.latencies)
+        return {
+            "reads": len(lat),
+            "p50_ms": round(statistics.median(lat) * 1000, 1),
+            "p99_ms": round(lat[max(0, int(len(lat) * 0.99) - 1)] * 1000, 1),
+            "max_ms": round(lat[-1] * 1000, 1),
+        }
+
+
+def read_alone(client, app: str, seconds: float) -> dict:
+    reader = Reader(client, app)
+    reader.start()
+    time.sleep(seconds)
+    reader.stop.set()
+    reader.join()
+    return reader.figures()
+
+
 async def count_ports(stack: NapStack, user: str) -> int:
     settings = Settings.from_env({k: v for k, v in stack.env.items() if k.startswith("NAP_")})
     async with open_store(settings) as store:
@@ -129,14 +169,25 @@ def main() -> int:
             tar_gz(write_app(tmp / "tiny", {"profile": "command: sleep 100000\n"}), www.root / "tiny.tgz")
             job = client.post("/v1/apps", {"app": "tiny", "url": f"{www.url}/tiny.tgz"})
             assert stack.wait_job(client, job["job"])["state"] == "succeeded"
+            # another user, whose reads of its own app go on during the launches
+            _, other = stack.add_user("reader")
+            job = other.post("/v1/apps", {"app": "tiny", "url": f"{www.url}/tiny.tgz"})
+            assert stack.wait_job(other, job["job"])["state"] == "succeeded"
+            job = other.post("/v1/apps/tiny/instances", {"params": {}, "count": 1})
+            assert stack.wait_job(other, job["job"])["state"] == "succeeded"
             rows = []
             for r in range(args.rounds):
                 base = asyncio.run(baseline(args.count))
                 boxed = sandboxed_baseline(args.count, tmp / "boxed")
+                alone = read_alone(other, "tiny", 3.0)
+                reader = Reader(other, "tiny")
                 t0 = time.perf_counter()
                 job = client.post("/v1/apps/tiny/instances", {"params": {}, "count": args.count})
+                reader.start()
                 rec = stack.wait_job(client, job["job"], timeout=600)
                 took = time.perf_counter() - t0
+                reader.stop.set()
+                reader.join()
                 assert rec["state"] == "succeeded", rec
                 assert rec["result"]["running"] == args.count, rec["result"]["running"]
                 ports = asyncio.run(count_ports(stack, user))
@@ -157,6 +208,8 @@ def main() -> int:
                             "sandboxed_baseline_seconds": round(boxed, 3) if boxed else None,
                             "sandboxed_baseline_per_second": round(args.count / boxed, 1) if boxed else None,
                             "ratio_to_sandboxed": round(took / boxed, 2) if boxed else None,
+                            "other_users_reads_alone": alone,
+                            "other_users_reads_during_launch": reader.figures(),
                         }
                     ),
                     flush=True,

@@ -5,6 +5,8 @@ from __future__ import annotations
 import os
 from collections.abc import Mapping
 from dataclasses import dataclass, field, fields
+from functools import cached_property
+from ipaddress import IPv4Network, IPv6Network, ip_network
 from pathlib import Path
 from typing import Any, TypeVar
 
@@ -90,10 +92,17 @@ class Settings:
     # Prefix of every Redis key the platform owns (jobs, events, users, queue): lets tests share a server.
     namespace: str = "nap"
     allow_local_sources: bool = False
+    # The folder local sources may come from (their real path inside it, never inside ``home``);
+    # empty: none may be deployed even where they are allowed.
+    local_sources_dir: str = ""
+    # CIDRs deploys may fetch from although the fetch policy refuses them (ops.fetch.policy):
+    # loopback, private, link-local ... ranges. Comma-separated; empty: none.
+    fetch_allow: str = ""
     max_download: int = 512 * MiB
     max_extract: int = 2048 * MiB
     max_files: int = 20000
-    download_timeout: float = 300.0
+    download_timeout: float = 300.0  # seconds a download (or clone) may take in all
+    download_idle_timeout: float = 30.0  # seconds a download may go without receiving a byte
     port_range: tuple[int, int] = (20000, 29999)
     max_count: int = 1000
     max_mpi_hosts: int = 16
@@ -110,6 +119,8 @@ class Settings:
     tasks_max: int = 512  # processes and threads an instance may have at once (the unit's TasksMax=)
     # How long a job's worker waits out a Redis outage before it gives up writing the job's state.
     job_write_wait: float = 120.0
+    # How long a finished job's record and its event stream are kept, in seconds (0: for ever).
+    job_retention: float = 7 * 24 * 3600.0
     # The reaper (jobs.reaper): how often it looks for jobs no worker runs and no queue holds, and how
     # long such a job must stay so before it is requeued (or failed when it has no attempts left).
     reap_interval: float = 10.0
@@ -119,6 +130,19 @@ class Settings:
     admin_token: str = ""
     host: str = "127.0.0.1"
     api_port: int = 8470
+    # The API under load (api.limits): Redis connections its requests share, and how long a request
+    # waits for one before it answers 503 with Retry-After; event streams (SSE) per user and per API
+    # process; each user's request rate (a second, and bursts); how long a token check is remembered.
+    api_redis_connections: int = 64
+    api_redis_wait: float = 5.0
+    sse_per_user: int = 20
+    sse_max: int = 1000
+    sse_heartbeat: float = 15.0  # seconds without an event before a stream gets a comment line
+    user_rate: float = 50.0
+    user_burst: float = 100.0
+    token_cache_ttl: float = 10.0
+    # Fair workers: jobs of one user running at once, over all workers (the rest wait in the queue).
+    user_jobs_running: int = 4
 
     @classmethod
     def from_env(cls, env: Mapping[str, str] | None = None, **overrides: Any) -> Settings:
@@ -126,6 +150,17 @@ class Settings:
         env = os.environ if env is None else env
         home = Path(env["NAP_HOME"]).expanduser() if env.get("NAP_HOME") else _default_home()
         return read_env(cls, "NAP_", {**platform_env(home), **env}, **overrides)
+
+    def __post_init__(self) -> None:
+        self.fetch_allow_networks  # noqa: B018 -- a bad NAP_FETCH_ALLOW fails at start, not at a deploy
+
+    @cached_property
+    def fetch_allow_networks(self) -> tuple[IPv4Network | IPv6Network, ...]:
+        """``fetch_allow`` parsed (an address alone is a network of one)."""
+        try:
+            return tuple(ip_network(part.strip(), strict=False) for part in self.fetch_allow.split(",") if part.strip())
+        except ValueError as e:
+            raise ValueError(f"NAP_FETCH_ALLOW: {e}") from None
 
     @property
     def services_dir(self) -> Path:

@@ -45,6 +45,10 @@ class RedisKeys:
         """Set, with a short expiry, by the worker running the job, for as long as it runs it."""
         return f"{self.ns}:alive:{job_id}"
 
+    def user_running(self, user: str) -> str:
+        """The user's jobs running now (members), each with the time its hold lapses (score)."""
+        return f"{self.ns}:running:{user}"
+
     @property
     def reaper_lock(self) -> str:
         return f"{self.ns}:reaper-lock"

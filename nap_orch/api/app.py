@@ -14,9 +14,11 @@ from ..config import Settings
 from ..http import error_middleware
 from ..jobs.broker import POLICIES, QUEUE, make_broker, queue_keys, send
 from ..jobs.reaper import Reaper
+from ..jobs.records import JobStore
 from ..jobs.runner import Runtime
 from .auth import Users
-from .context import BROKER, RUNTIME, SETTINGS, USERS
+from .context import BROKER, LIMITS, RUNTIME, SETTINGS, STREAMS, USERS
+from .limits import Limits, TokenCache
 from .routes import routes
 
 
@@ -27,13 +29,25 @@ def make_app(settings: Settings) -> web.Application:
     app[SETTINGS] = settings
 
     async def resources(app: web.Application) -> AsyncIterator[None]:
-        rt = Runtime(settings)
+        # Requests share a bounded pool: under load they wait up to api_redis_wait seconds for a
+        # connection, then answer 503 with Retry-After (never a fixed ceiling of instant failures).
+        # Event streams hold a connection while they wait for events: they have a pool of their own.
+        requests = _pool(settings.redis_url, settings.api_redis_connections, settings.api_redis_wait)
+        streams = _pool(settings.redis_url, settings.sse_max, 1.0)
+        rt = Runtime(settings, JobStore(aioredis.Redis(connection_pool=requests), settings.namespace))
         await rt.open()
-        users = Users(rt.jobs.redis, settings.namespace, settings.admin_token)
+        users = Users(rt.jobs.redis, settings.namespace, settings.admin_token, TokenCache(ttl=settings.token_cache_ttl))
         await users.bootstrap()
         broker = make_broker(settings)
         broker.declare_queue(QUEUE)
         app[RUNTIME], app[USERS], app[BROKER] = rt, users, broker
+        app[STREAMS] = JobStore(aioredis.Redis(connection_pool=streams), settings.namespace)
+        app[LIMITS] = Limits(
+            rate=settings.user_rate,
+            burst=settings.user_burst,
+            streams_per_user=settings.sse_per_user,
+            streams_total=settings.sse_max,
+        )
         reaper = Reaper(
             rt.jobs,
             queue_keys(settings),
@@ -48,11 +62,18 @@ def make_app(settings: Settings) -> web.Application:
         with contextlib.suppress(asyncio.CancelledError):
             await reaping
         await rt.close()
+        await app[STREAMS].close()
         broker.close()
 
     app.cleanup_ctx.append(resources)
     app.add_routes(routes())
     return app
+
+
+def _pool(url: str, size: int, wait: float) -> aioredis.BlockingConnectionPool:
+    return aioredis.BlockingConnectionPool.from_url(
+        url, max_connections=size, timeout=wait, socket_timeout=30, socket_connect_timeout=10
+    )
 
 
 def serve(settings: Settings, port: int | None = None) -> None:

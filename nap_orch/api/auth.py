@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import hashlib
 import json
 import secrets
@@ -13,6 +14,7 @@ import redis.asyncio as aioredis
 from ..errors import Conflict, Unauthorized
 from ..keys import RedisKeys
 from ..names import check_name
+from .limits import TokenCache
 
 ADMIN = "admin"
 
@@ -22,11 +24,17 @@ def _digest(token: str) -> str:
 
 
 class Users:
-    def __init__(self, redis: aioredis.Redis, namespace: str = "nap", admin_token: str = ""):
+    def __init__(
+        self, redis: aioredis.Redis, namespace: str = "nap", admin_token: str = "", cache: TokenCache | None = None
+    ):
         # Any: redis-py annotates replies as ``bytes | str``; without decode_responses they are bytes.
         self.redis: Any = redis
         self.keys = RedisKeys(namespace)
         self.admin_token = admin_token
+        self.cache = cache or TokenCache(ttl=0)
+        # Tokens not in the cache are looked up a few at a time: a flood of made-up tokens waits here
+        # rather than taking every Redis connection from the requests of known users.
+        self._lookups = asyncio.Semaphore(8)
 
     async def bootstrap(self) -> None:
         """Make the configured admin token valid (the admin is a user named ``admin``)."""
@@ -49,17 +57,34 @@ class Users:
         elif not await self.redis.hsetnx(self.keys.users, name, record):
             raise Conflict(f"user {name!r} already exists")
         await self.redis.hset(self.keys.tokens, _digest(token), name)
+        self.cache.forget(_digest(token))
 
     async def authenticate(self, header: str | None) -> tuple[str, bool]:
         """(user name, is admin) for an ``Authorization: Bearer <token>`` header; 401 otherwise."""
         if not header or not header.startswith("Bearer "):
             raise Unauthorized("missing bearer token (Authorization: Bearer <token>)")
-        name = await self.redis.hget(self.keys.tokens, _digest(header[7:].strip()))
-        if not name:
+        token = header[7:].strip()
+        if not token or len(token) > 256:
             raise Unauthorized("invalid token")
+        digest = _digest(token)
+        known, answer = self.cache.get(digest, time.monotonic())
+        if not known:
+            async with self._lookups:
+                known, answer = self.cache.get(digest, time.monotonic())  # another request looked it up
+                if not known:
+                    answer = await self._lookup(digest)
+                    self.cache.put(digest, answer, time.monotonic())
+        if answer is None:
+            raise Unauthorized("invalid token")
+        return answer
+
+    async def _lookup(self, digest: str) -> tuple[str, bool] | None:
+        name = await self.redis.hget(self.keys.tokens, digest)
+        if not name:
+            return None
         record = await self.redis.hget(self.keys.users, name)
         if not record:
-            raise Unauthorized("invalid token")
+            return None
         return name.decode(), bool(json.loads(record).get("admin"))
 
     async def list(self) -> list[str]:

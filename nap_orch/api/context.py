@@ -7,17 +7,24 @@ from aiohttp import web
 from dramatiq.brokers.redis import RedisBroker
 
 from ..config import Settings
+from ..jobs.records import JobStore
 from ..jobs.runner import Runtime
 from .auth import Users
+from .limits import Limits
 
 SETTINGS = web.AppKey("settings", Settings)
 RUNTIME = web.AppKey("runtime", Runtime)
 USERS = web.AppKey("users", Users)
 BROKER = web.AppKey("broker", RedisBroker)
+LIMITS = web.AppKey("limits", Limits)
+STREAMS = web.AppKey("streams", JobStore)  # the job store on the event streams' own connections
 
 
 async def caller(request: web.Request) -> str:
     """The user whose token the request carries (401 otherwise); ``request["admin"]`` says if an admin."""
+    if "user" in request:  # checked once per request
+        return request["user"]
     user, admin = await request.app[USERS].authenticate(request.headers.get("Authorization"))
-    request["admin"] = admin
+    request.app[LIMITS].check_rate(user)
+    request["admin"], request["user"] = admin, user
     return user

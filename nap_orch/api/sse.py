@@ -1,34 +1,68 @@
-"""Server-sent events: a job's event stream or a user's, replayed from ``Last-Event-ID`` then live."""
+"""Server-sent events: a job's event stream or a user's, replayed from ``Last-Event-ID`` then live.
+
+A stream holds a Redis connection of the event streams' own pool (``STREAMS``) while it waits, never
+one of the requests' pool; each user may have ``NAP_SSE_PER_USER`` open at once (429 beyond), each API
+process ``NAP_SSE_MAX`` (503 beyond). Every ``NAP_SSE_HEARTBEAT`` seconds (15) without an event the
+client gets a comment line: proxies keep the connection, and a client that left is noticed (the write fails, or its
+transport is closing at the next look, every ``LOOK_MS``) and its stream ends.
+"""
 
 from __future__ import annotations
 
 import json
+import time
 
 from aiohttp import web
 
-from .context import RUNTIME, caller
+from .context import LIMITS, RUNTIME, SETTINGS, STREAMS, caller
+
+LOOK_MS = 1000
 
 
-async def _sse(request: web.Request, stream: str, until_job_ends: str | None) -> web.StreamResponse:
+def _gone(request: web.Request) -> bool:
+    transport = request.transport
+    return transport is None or transport.is_closing()
+
+
+async def _sse(request: web.Request, user: str, stream: str, until_job_ends: str | None) -> web.StreamResponse:
     last = request.headers.get("Last-Event-ID") or request.query.get("last_id") or "0-0"
     follow = request.query.get("follow", "1") not in ("0", "false", "no")
-    resp = web.StreamResponse(headers={"Content-Type": "text/event-stream", "Cache-Control": "no-cache"})
-    await resp.prepare(request)
-    jobs = request.app[RUNTIME].jobs
-    async for ev in jobs.events(stream, last, follow=follow, until_job_ends=until_job_ends):
-        payload = {"job": ev["job"], "kind": ev["kind"], "t": float(ev["t"]), **ev["data"]}
-        await resp.write(f"id: {ev['id']}\nevent: {ev['type']}\ndata: {json.dumps(payload)}\n\n".encode())
-    await resp.write_eof()
-    return resp
+    heartbeat = request.app[SETTINGS].sse_heartbeat
+    with request.app[LIMITS].stream(user):
+        resp = web.StreamResponse(headers={"Content-Type": "text/event-stream", "Cache-Control": "no-cache"})
+        await resp.prepare(request)
+        wrote = time.monotonic()
+        events = request.app[STREAMS].events(
+            stream, last, follow=follow, until_job_ends=until_job_ends, block_ms=LOOK_MS, idle=True
+        )
+        try:
+            async for ev in events:
+                if _gone(request):
+                    break
+                if ev is None:
+                    if time.monotonic() - wrote >= heartbeat:
+                        await resp.write(b": keep-alive\n\n")
+                        wrote = time.monotonic()
+                    continue
+                payload = {"job": ev["job"], "kind": ev["kind"], "t": float(ev["t"]), **ev["data"]}
+                await resp.write(f"id: {ev['id']}\nevent: {ev['type']}\ndata: {json.dumps(payload)}\n\n".encode())
+                wrote = time.monotonic()
+            else:
+                await resp.write_eof()
+        except ConnectionError:  # the client went away mid-write
+            pass
+        finally:
+            await events.aclose()
+        return resp
 
 
 async def job_events(request: web.Request) -> web.StreamResponse:
     user = await caller(request)
     jobs = request.app[RUNTIME].jobs
     job = await jobs.get(request.match_info["id"], user)
-    return await _sse(request, jobs.keys.job_events(job.id), until_job_ends=job.id)
+    return await _sse(request, user, jobs.keys.job_events(job.id), until_job_ends=job.id)
 
 
 async def user_events(request: web.Request) -> web.StreamResponse:
     user = await caller(request)
-    return await _sse(request, request.app[RUNTIME].jobs.keys.user_events(user), until_job_ends=None)
+    return await _sse(request, user, request.app[RUNTIME].jobs.keys.user_events(user), until_job_ends=None)

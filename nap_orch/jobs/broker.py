@@ -8,6 +8,7 @@ attempts themselves (a worker killed mid-job counts too), so dramatiq's retries 
 from __future__ import annotations
 
 import asyncio
+import functools
 import os
 from dataclasses import dataclass
 
@@ -73,9 +74,12 @@ def message(kind: str, job_id: str) -> dramatiq.Message:
     return dramatiq.Message(queue_name=QUEUE, actor_name=kind, args=(job_id,), kwargs={}, options={})
 
 
-async def send(broker: RedisBroker, kind: str, job_id: str) -> None:
-    """Enqueue the job's message (``Broker.enqueue`` blocks on its sync Redis client: off the loop)."""
-    await asyncio.get_running_loop().run_in_executor(None, broker.enqueue, message(kind, job_id))
+async def send(broker: RedisBroker, kind: str, job_id: str, delay_ms: int | None = None) -> None:
+    """Enqueue the job's message, after ``delay_ms`` if given (``Broker.enqueue`` blocks on its sync
+    Redis client: off the loop)."""
+    await asyncio.get_running_loop().run_in_executor(
+        None, functools.partial(broker.enqueue, message(kind, job_id), delay=delay_ms)
+    )
 
 
 def queue_keys(settings: Settings) -> list[str]:

@@ -3,6 +3,12 @@
 A job's record is a Redis hash; its events are a Redis stream (replayable from any id, then followed
 live); each event is also appended to its user's stream. States only move forward:
 queued -> running -> succeeded | failed | cancelled (running -> queued again when a retry is due).
+
+Retention. A job is kept for ``retention`` seconds after it ends (``NAP_JOB_RETENTION``, given when it is
+created and kept in its record's ``retention`` field, so every process that ends it applies the same):
+the state change that ends it sets the expiry of its record and of its event stream, and its id leaves
+its user's list when that list is next read and finds the record gone. Users' streams are trimmed by
+length (``STREAM_MAXLEN``) instead.
 """
 
 from __future__ import annotations
@@ -13,7 +19,7 @@ import json
 import logging
 import time
 import uuid
-from collections.abc import AsyncIterator, Awaitable, Callable
+from collections.abc import AsyncGenerator, Awaitable, Callable
 from dataclasses import asdict, dataclass, field
 from typing import Any, TypeVar
 
@@ -24,6 +30,7 @@ from ..errors import Conflict, NotFound
 from ..keys import RedisKeys
 
 STREAM_MAXLEN = 10_000  # events kept per job / per user stream (approximate trim)
+DEFAULT_RETENTION = 7 * 24 * 3600  # seconds a finished job is kept when its record does not say
 ALIVE_TTL_S = 20  # a running job's mark of life expires this long after its worker last renewed it
 
 log = logging.getLogger("nap.job")
@@ -95,25 +102,47 @@ class Job:
 
 # Moves a job to a new state only from the allowed ones and appends the state event to the job's and
 # the user's streams, atomically (a reader that sees the final state also finds its event); a job that
-# ends leaves the set of active jobs. Returns the old state or nil. KEYS: record, job stream, user
-# stream, active set. ARGV: allowed states (JSON), maxlen, event fields (JSON), "1" if the new state
-# is terminal, then field/value pairs.
+# ends leaves the set of active jobs, and its record and stream expire after its retention (the
+# record's ``retention`` field, else ARGV[5]; 0 keeps them). Returns the old state or nil. KEYS: record,
+# job stream, user stream, active set. ARGV: allowed states (JSON), maxlen, event fields (JSON), "1" if
+# the new state is terminal, the default retention (seconds), then field/value pairs.
 _TRANSITION = """
 local cur = redis.call('HGET', KEYS[1], 'state')
 if not cur then return false end
 local allowed = cjson.decode(ARGV[1])
 for _, s in ipairs(allowed) do
   if cjson.encode(s) == cur then
-    for i = 5, #ARGV, 2 do redis.call('HSET', KEYS[1], ARGV[i], ARGV[i+1]) end
+    for i = 6, #ARGV, 2 do redis.call('HSET', KEYS[1], ARGV[i], ARGV[i+1]) end
     local ev = cjson.decode(ARGV[3])
     if ARGV[4] == '1' then redis.call('ZREM', KEYS[4], ev.job) end
     local fields = {'type', ev.type, 'job', ev.job, 'kind', ev.kind, 't', ev.t, 'data', ev.data}
     redis.call('XADD', KEYS[2], 'MAXLEN', '~', ARGV[2], '*', unpack(fields))
     redis.call('XADD', KEYS[3], 'MAXLEN', '~', ARGV[2], '*', unpack(fields))
+    if ARGV[4] == '1' then
+      local keep = tonumber(redis.call('HGET', KEYS[1], 'retention') or ARGV[5]) or 0
+      if keep > 0 then
+        local ms = math.max(1, math.floor(keep * 1000))
+        redis.call('PEXPIRE', KEYS[1], ms)
+        redis.call('PEXPIRE', KEYS[2], ms)
+      end
+    end
     return cur
   end
 end
 return false
+"""
+
+
+# Takes (or renews) a place among a user's running jobs. KEYS: the user's set. ARGV: job id, cap (0: renew
+# only a place held), now, when the place lapses. Returns 1 if the job holds a place.
+_HOLD = """
+redis.call('ZREMRANGEBYSCORE', KEYS[1], '-inf', ARGV[3])
+if redis.call('ZSCORE', KEYS[1], ARGV[1]) or redis.call('ZCARD', KEYS[1]) < tonumber(ARGV[2]) then
+  redis.call('ZADD', KEYS[1], ARGV[4], ARGV[1])
+  redis.call('EXPIRE', KEYS[1], 3600)
+  return 1
+end
+return 0
 """
 
 
@@ -125,6 +154,7 @@ class JobStore:
         self.redis: Any = redis
         self.keys = RedisKeys(namespace)
         self._transition = redis.register_script(_TRANSITION)
+        self._hold = redis.register_script(_HOLD)
 
     @classmethod
     def from_url(cls, url: str, namespace: str = "nap") -> JobStore:
@@ -135,10 +165,11 @@ class JobStore:
         await self.redis.aclose()
 
     # -- records ---------------------------------------------------------------------------------
-    async def create(self, kind: str, user: str, args: dict) -> Job:
+    async def create(self, kind: str, user: str, args: dict, retention: float = DEFAULT_RETENTION) -> Job:
+        """Record a queued job, kept ``retention`` seconds once it ends (0: for ever)."""
         job = Job(id=uuid.uuid4().hex[:16], kind=kind, user=user, args=args)
         async with self.redis.pipeline(transaction=True) as p:
-            p.hset(self.keys.job(job.id), mapping=job.to_hash())
+            p.hset(self.keys.job(job.id), mapping={**job.to_hash(), "retention": json.dumps(retention)})
             p.zadd(self.keys.user_jobs(user), {job.id: job.created})
             p.zadd(self.keys.active_jobs, {job.id: job.created})
             await p.execute()
@@ -163,6 +194,9 @@ class JobStore:
             for i in ids:
                 p.hgetall(self.keys.job(i.decode()))
             rows = await p.execute()
+        gone = [i for i, h in zip(ids, rows, strict=True) if not h]
+        if gone:  # past their retention: their ids go too (record and id are created together)
+            await self.redis.zrem(self.keys.user_jobs(user), *gone)
         jobs = [Job.from_hash(h) for h in rows if h]
         if state:
             jobs = [j for j in jobs if j.state == state][:limit]
@@ -182,6 +216,7 @@ class JobStore:
             STREAM_MAXLEN,
             json.dumps(self._event(job, "state", data)),
             "1" if to.terminal else "0",
+            DEFAULT_RETENTION,
         ]
         for k, v in updates.items():
             argv += [k, json.dumps(v)]
@@ -220,6 +255,17 @@ class JobStore:
         await self.emit(job, "log", {"line": "cancel requested: stopping at the next step"})
         return await self.get(job.id)
 
+    async def hold_running(self, job: Job, cap: int) -> bool:
+        """Count the job among its user's running jobs, unless ``cap`` are running already (a job that
+        holds its place keeps it, and renews it with ``cap`` 0); holds lapse ``ALIVE_TTL_S`` after their
+        last renewal, so a dead worker's do not count for long."""
+        now = time.time()
+        got = await self._hold(keys=[self.keys.user_running(job.user)], args=[job.id, cap, now, now + ALIVE_TTL_S])
+        return bool(got)
+
+    async def release_running(self, job: Job) -> None:
+        await self.redis.zrem(self.keys.user_running(job.user), job.id)
+
     async def mark_alive(self, job_id: str) -> None:
         """Say that a worker runs the job now (renewed every few seconds while it does)."""
         await self.redis.set(self.keys.job_alive(job_id), "1", ex=ALIVE_TTL_S)
@@ -247,9 +293,11 @@ class JobStore:
         follow: bool = True,
         until_job_ends: str | None = None,
         block_ms: int = 2000,
-    ) -> AsyncIterator[dict]:
+        idle: bool = False,
+    ) -> AsyncGenerator[dict | None, None]:
         """Events of a stream after ``last_id``, then live. With ``until_job_ends`` (a job id) it stops
-        after that job's terminal state event."""
+        after that job's terminal state event. With ``idle``, a wait of ``block_ms`` that brought no
+        event yields None (a reader's chance to look at its client)."""
         last = last_id or "0-0"
         while True:
             if until_job_ends:
@@ -270,6 +318,8 @@ class JobStore:
                     return
             if not batch and (ended or not follow):
                 return
+            if not batch and idle:
+                yield None
 
 
 def _safe_id(job_id: str) -> bool:

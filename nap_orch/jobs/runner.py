@@ -11,23 +11,27 @@ import traceback
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 
+import dramatiq
+
 from ..config import Settings
 from ..engines.base import Engine
 from ..engines.registry import open_engine
 from ..errors import Cancelled, NapError
 from ..store import open_store
 from ..store.base import Store
-from .records import ALIVE_TTL_S, Job, JobState, JobStore, persistently
+from .broker import send
+from .records import ALIVE_TTL_S, UNREACHABLE, Job, JobState, JobStore, persistently
 
 log = logging.getLogger("nap.job")
+DEFER_MS = 2000  # a job over its user's cap of running jobs is looked at again after this
 
 
 class Runtime:
     """The long-lived resources of a process (Redis job store, state store, engine), opened lazily."""
 
-    def __init__(self, settings: Settings):
+    def __init__(self, settings: Settings, jobs: JobStore | None = None):
         self.settings = settings
-        self.jobs = JobStore.from_url(settings.redis_url, settings.namespace)
+        self.jobs = jobs or JobStore.from_url(settings.redis_url, settings.namespace)
         self.store: Store = open_store(settings)
         self.engine: Engine = open_engine(settings)
         self._opened = False
@@ -116,16 +120,27 @@ async def run_job(rt: Runtime, job_id: str, fn: JobFn, max_attempts: int) -> Non
     if JobState(job.state).terminal:
         log.info("job %s already %s; not running it again", job_id, job.state)
         return
-    await jobs.mark_alive(job.id)
-    if not await jobs.start_attempt(job):
+    cap = rt.settings.user_jobs_running
+    if not await jobs.hold_running(job, cap):
+        # The user has ``cap`` jobs running already: this one waits its turn in the queue, and the
+        # worker's thread serves other users meanwhile.
+        log.info("job %s waits: %s has %d jobs running (at most %d at once)", job.id, job.user, cap, cap)
+        await send(dramatiq.get_broker(), job.kind, job.id, delay_ms=DEFER_MS)  # type: ignore[arg-type]
         return
-    beat = asyncio.create_task(_keep_alive(jobs, job.id))
     try:
-        await _attempt(rt, job, fn, max_attempts, wait)
+        await jobs.mark_alive(job.id)
+        if not await jobs.start_attempt(job):
+            return
+        beat = asyncio.create_task(_keep_alive(jobs, job))
+        try:
+            await _attempt(rt, job, fn, max_attempts, wait)
+        finally:
+            beat.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await beat
     finally:
-        beat.cancel()
-        with contextlib.suppress(asyncio.CancelledError):
-            await beat
+        with contextlib.suppress(*UNREACHABLE):  # else the hold lapses by itself
+            await jobs.release_running(job)
 
 
 async def _attempt(rt: Runtime, job: Job, fn: JobFn, max_attempts: int, wait: float) -> None:
@@ -156,11 +171,13 @@ async def _attempt(rt: Runtime, job: Job, fn: JobFn, max_attempts: int, wait: fl
         await end(JobState.SUCCEEDED, result=result, error=None)
 
 
-async def _keep_alive(jobs: JobStore, job_id: str) -> None:
-    """Renew the job's mark of life every few seconds; a Redis outage only skips renewals."""
+async def _keep_alive(jobs: JobStore, job: Job) -> None:
+    """Renew the job's mark of life and its user's hold every few seconds; a Redis outage only skips
+    renewals."""
     while True:
         await asyncio.sleep(ALIVE_TTL_S / 4)
         try:
-            await jobs.mark_alive(job_id)
+            await jobs.mark_alive(job.id)
+            await jobs.hold_running(job, cap=0)
         except Exception as e:  # noqa: BLE001 - the job goes on; the reaper waits for a lost mark
-            log.warning("job %s: could not renew its mark of life: %s", job_id, e)
+            log.warning("job %s: could not renew its mark of life: %s", job.id, e)
