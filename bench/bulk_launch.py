@@ -161,7 +161,7 @@ def main() -> int:
             tmp / "nap",
             redis.url,
             etcd.endpoint if etcd else "",
-            extra_env={"NAP_PORT_RANGE": "30000-39999", "NAP_SANDBOX": args.sandbox},
+            extra_env={"NAP_PORT_RANGE": "30000-39999", "NAP_SANDBOX": args.sandbox, "NAP_FETCH_ALLOW": "127.0.0.1"},
         )
         try:
             stack.start()

@@ -73,7 +73,11 @@ def main() -> None:
             root / "nap",
             redis.url,
             etcd.endpoint if etcd else "",
-            extra_env={"NAP_PORT_RANGE": "30000-39999", "NAP_WORKER_HEARTBEAT_MS": "15000"},
+            extra_env={
+                "NAP_PORT_RANGE": "30000-39999",
+                "NAP_WORKER_HEARTBEAT_MS": "15000",
+                "NAP_FETCH_ALLOW": "127.0.0.1",
+            },
         ).start()
         try:
             _, client = stack.add_user()

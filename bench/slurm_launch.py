@@ -111,6 +111,7 @@ def one_round(args, r: int) -> dict:
                     "NAP_PORT_RANGE": "30000-39999",
                     "NAP_MAX_COUNT": str(max(1000, args.count)),
                     "NAP_SANDBOX": args.sandbox,
+                    "NAP_FETCH_ALLOW": "127.0.0.1",  # the benchmark's file server
                 },
             )
             stack.start()
