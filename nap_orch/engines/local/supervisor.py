@@ -69,7 +69,21 @@ JOURNAL_MAX = 8 * 1024 * 1024  # a journal this long moves to <name>.log.1 (one 
 READ_CHUNK = 1024 * 1024
 DRAIN_DELAY = 0.05  # batch the drains that file writes trigger
 SWEEP_INTERVAL = 1.0  # also look at every running instance's output this often, and poll liveness
-SPAWN_YIELD = 64  # let other requests in every this many spawns
+SLICE = 0.01  # a batch's synchronous work lets other requests in after this many seconds of it
+
+
+class Pacer:
+    """Yields to the event loop once ``SLICE`` seconds of synchronous work have gone by, so that a
+    batch of 1,000 units (installing, spawning sandboxed processes) does not hold another user's status
+    request for seconds."""
+
+    def __init__(self) -> None:
+        self.since = time.monotonic()
+
+    async def tick(self) -> None:
+        if time.monotonic() - self.since >= SLICE:
+            await asyncio.sleep(0)
+            self.since = time.monotonic()
 SPARE_FILES = 5 * 1024  # five files an instance: a batch of 1000 finds them ready
 PUNCH_MIN = 1024 * 1024  # free the journaled part of a raw output file in steps of at least this
 
@@ -743,7 +757,9 @@ class Supervisor:
         """Install and start a batch of units; all are checked before any is touched."""
         batch: list[tuple[str, str, units.Unit]] = []
         seen = set()
+        pace = Pacer()
         for spec in specs:
+            await pace.tick()
             if not isinstance(spec, dict):
                 raise BadRequest("each unit must be an object {name, text}")
             name, text = spec.get("name"), spec.get("text")
@@ -762,6 +778,7 @@ class Supervisor:
             batch.append((name, text, unit))
         todo: list[Instance] = []
         for name, text, unit in batch:
+            await pace.tick()
             old = self.instances.get(name)
             if old is not None and old.text == text and old.record.desired == RUNNING and not old.finished:
                 continue  # already installed and running (a retried job): leave it be
@@ -780,11 +797,10 @@ class Supervisor:
             self.instances[name] = inst
             self.tail_dirty = True
             todo.append(inst)
-        for i, inst in enumerate(todo):
+        for inst in todo:
             if self.instances.get(inst.name) is inst and not inst.alive:
                 self._spawn(inst)
-            if i % SPAWN_YIELD == SPAWN_YIELD - 1:
-                await asyncio.sleep(0)
+            await pace.tick()
         self._save_tail()
         self.pool.refill()
         return [self.status(self.instances[name]) for name, _, _ in batch if name in self.instances]
