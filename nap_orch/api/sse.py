@@ -4,19 +4,23 @@ A stream holds a Redis connection of the event streams' own pool (``STREAMS``) w
 one of the requests' pool; each user may have ``NAP_SSE_PER_USER`` open at once (429 beyond), each API
 process ``NAP_SSE_MAX`` (503 beyond). Every ``NAP_SSE_HEARTBEAT`` seconds (15) without an event the
 client gets a comment line: proxies keep the connection, and a client that left is noticed (the write fails, or its
-transport is closing at the next look, every ``LOOK_MS``) and its stream ends.
+transport is closing at the next look, every ``LOOK_MS`` or heartbeat, whichever is sooner) and its
+stream ends.
 """
 
 from __future__ import annotations
 
 import json
+import re
 import time
 
 from aiohttp import web
 
+from ..errors import BadRequest
 from .context import LIMITS, RUNTIME, SETTINGS, STREAMS, caller
 
-LOOK_MS = 1000
+LOOK_MS = 5000
+EVENT_ID = re.compile(r"[0-9]{1,20}(-[0-9]{1,20})?")
 
 
 def _gone(request: web.Request) -> bool:
@@ -26,6 +30,8 @@ def _gone(request: web.Request) -> bool:
 
 async def _sse(request: web.Request, user: str, stream: str, until_job_ends: str | None) -> web.StreamResponse:
     last = request.headers.get("Last-Event-ID") or request.query.get("last_id") or "0-0"
+    if not EVENT_ID.fullmatch(last):
+        raise BadRequest("Last-Event-ID (or last_id) must be an event's id, <milliseconds>-<sequence>")
     follow = request.query.get("follow", "1") not in ("0", "false", "no")
     heartbeat = request.app[SETTINGS].sse_heartbeat
     with request.app[LIMITS].stream(user):
@@ -33,7 +39,12 @@ async def _sse(request: web.Request, user: str, stream: str, until_job_ends: str
         await resp.prepare(request)
         wrote = time.monotonic()
         events = request.app[STREAMS].events(
-            stream, last, follow=follow, until_job_ends=until_job_ends, block_ms=LOOK_MS, idle=True
+            stream,
+            last,
+            follow=follow,
+            until_job_ends=until_job_ends,
+            block_ms=min(LOOK_MS, max(100, int(heartbeat * 1000))),
+            idle=True,
         )
         try:
             async for ev in events:

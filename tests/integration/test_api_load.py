@@ -113,6 +113,13 @@ def test_event_streams_are_capped_per_user_and_freed_when_their_client_goes(tigh
     wait_until(freed, 20, "the closed streams' places to be given back", interval=1.5)
 
 
+def test_a_bad_last_event_id_is_400_not_500(tight):
+    name, client = tight.add_user()
+    for bad in ("abc", "1-2-3", "-1", "9" * 30):
+        status, _, body = request(tight, f"/v1/events?last_id={bad}", client.token)
+        assert status == 400 and body["error"] == "bad_request", (bad, status, body)
+
+
 def test_a_user_over_the_request_rate_gets_429_and_others_do_not(tight):
     name, client = tight.add_user()
     other, other_client = tight.add_user()
