@@ -5,7 +5,6 @@ Routes are declared in ``routes()``; a job is recorded and enqueued by ``enqueue
 
 from __future__ import annotations
 
-import contextlib
 from typing import Any
 from urllib.parse import urlparse
 
@@ -13,16 +12,32 @@ from aiohttp import web
 
 from ..config import Settings
 from ..errors import AppError, BadRequest, Forbidden, NotFound
-from ..http import json_object
-from ..jobs.broker import send
-from ..jobs.records import UNREACHABLE, JobState
-from ..names import InstanceName, check_name, split_service
+from ..http import json_object, json_type
+from ..jobs.broker import queued
+from ..jobs.records import JobState
+from ..names import InstanceName, check_name, control_character, split_service
 from ..ops import apps, profile
+from ..ops.fetch import check_url
 from ..ops.instances import manage
-from .context import BROKER, RUNTIME, SETTINGS, USERS, caller
+from .context import RUNTIME, SETTINGS, USERS, caller
 from .sse import job_events, user_events
 
 ALLOWED_SCHEMES = ("http", "https", "git", "git+http", "git+https")
+MAX_URL = 2048  # characters of a deploy URL
+MAX_NAME = 64  # characters of a name field (a user, an app, username_appname) before it is checked
+
+
+def text_field(data: dict[str, Any], name: str, limit: int) -> str | None:
+    """Body field ``name``: absent or null is None; else it must be a string of at most ``limit``
+    characters (400 otherwise, naming the field)."""
+    value = data.get(name)
+    if value is None:
+        return None
+    if not isinstance(value, str):
+        raise BadRequest(f"{name} must be a string, not {json_type(value)}")
+    if len(value) > limit:
+        raise BadRequest(f"{name} is longer than {limit} characters")
+    return value
 
 
 def service_arg(value, user: str) -> str:
@@ -59,26 +74,22 @@ def check_source_url(url, settings: Settings) -> None:
     if any(ord(c) < 32 for c in url):
         raise BadRequest("url contains control characters")
     scheme = urlparse(url).scheme.lower()
-    if scheme in ALLOWED_SCHEMES:
-        return
     if scheme == "file" or (not scheme and url.startswith("/")):
-        if settings.allow_local_sources:
-            return
-        raise BadRequest("local sources (file:// or a path) are not allowed on this server")
-    raise BadRequest(f"URL scheme {scheme or '(none)'!r} is not allowed: use http, https or git")
+        if not settings.allow_local_sources:
+            raise BadRequest("local sources (file:// or a path) are not allowed on this server")
+    elif scheme not in ALLOWED_SCHEMES:
+        raise BadRequest(f"URL scheme {scheme or '(none)'!r} is not allowed: use http, https or git")
+    # The fetcher's own checks: no credentials, no odd spelling of an address, no address the fetch
+    # policy refuses, a local path inside NAP_LOCAL_SOURCES_DIR and outside NAP_HOME.
+    check_url(url, settings)
 
 
 async def enqueue(request: web.Request, kind: str, user: str, args: dict[str, Any]) -> web.Response:
-    rt = request.app[RUNTIME]
-    job = await rt.jobs.create(kind, user, args)
-    try:
-        await send(request.app[BROKER], kind, job.id)
-    except UNREACHABLE:
-        # Recorded but not queued: end it, so that it does not run later although this answered 503
-        # (if Redis is gone for that too, the reaper queues it, and it runs: it is in the user's list).
-        with contextlib.suppress(*UNREACHABLE):
-            await rt.jobs.transition(job, JobState.FAILED, {JobState.QUEUED}, error="not queued: Redis unreachable")
-        raise
+    settings = request.app[SETTINGS]
+    # The record, its first event and its message, in one transaction (one round trip to Redis).
+    job = await request.app[RUNTIME].jobs.create(
+        kind, user, args, retention=settings.job_retention, enqueue=lambda job_id: queued(settings, kind, job_id)
+    )
     return web.json_response(
         {
             "job": job.id,
@@ -96,8 +107,12 @@ async def add_user(request: web.Request) -> web.Response:
     if not request["admin"]:
         raise Forbidden("only an admin can add users")
     data = await json_object(request, "name")
-    token = await request.app[USERS].add(data["name"], admin=bool(data.get("admin")))
-    return web.json_response({"name": data["name"], "token": token}, status=201)
+    name = text_field(data, "name", MAX_NAME)
+    admin = data.get("admin", False)
+    if not isinstance(admin, bool):
+        raise BadRequest("admin must be true or false")
+    token = await request.app[USERS].add(check_name(name, "user name"), admin=admin)
+    return web.json_response({"name": name, "token": token}, status=201)
 
 
 async def whoami(request: web.Request) -> web.Response:
@@ -109,9 +124,18 @@ async def whoami(request: web.Request) -> web.Response:
 async def deploy_app(request: web.Request) -> web.Response:
     user = await caller(request)
     data = await json_object(request, "url")
-    app = service_arg(data.get("app") or data.get("service") or data.get("username_servicename"), user)
-    check_source_url(data["url"], request.app[SETTINGS])
-    return await enqueue(request, "deploy", user, {"user": user, "app": app, "url": data["url"]})
+    given = [text_field(data, f, MAX_NAME) for f in ("app", "service", "username_servicename")]
+    named = next((g for g in given if g), None)
+    if named is None:
+        raise BadRequest("missing field: app (the app's name, or username_appname)")
+    app = service_arg(named, user)
+    url = text_field(data, "url", MAX_URL)
+    if url is None:
+        raise BadRequest("url must be a non-empty string")
+    if control_character(url) is not None:
+        raise BadRequest("url contains control characters or line breaks")
+    check_source_url(url, request.app[SETTINGS])
+    return await enqueue(request, "deploy", user, {"user": user, "app": app, "url": url})
 
 
 async def list_services(request: web.Request) -> web.Response:
@@ -169,13 +193,38 @@ def _valid(spec: profile.AppSpec) -> None:
         raise BadRequest(e.message) from None
 
 
-def _launch_params(data: dict, spec: profile.AppSpec) -> dict:
-    params = data.get("params", {})
-    if isinstance(params, str):  # the seed's para_str
-        params = profile.para_str_to_params(params, spec.parameters)
+def _launch_params(data: dict[str, Any]) -> dict[str, Any] | str:
+    """The parameters a launch's body gives: ``params`` (an object of name -> value, or the seed's
+    para_str as a string) or ``para_str``; their types are checked here, their names and values against
+    the app's profile by ``profile.launch_values``."""
     if "para_str" in data:
-        params = profile.para_str_to_params(data["para_str"], spec.parameters)
-    return profile.check_values(params, spec.parameters)
+        para_str = data["para_str"]
+        if not isinstance(para_str, str):
+            raise BadRequest(f"para_str must be a string (values comma-joined), not {json_type(para_str)}")
+        return para_str
+    params = data.get("params", {})
+    if not isinstance(params, (dict, str)):
+        raise BadRequest(f"params must be an object of name -> value or the seed's para_str, not {json_type(params)}")
+    return params
+
+
+def _launch_values(given: dict[str, Any] | str, spec: profile.AppSpec) -> dict[str, str]:
+    """Every parameter of the app, known and valid, else 400 naming the missing or wrong ones: a launch
+    that can't run is refused at the door, not failed by its worker later."""
+    if isinstance(given, str):
+        given = profile.para_str_to_params(given, spec.parameters)
+    return profile.launch_values(given, spec.parameters)
+
+
+def _count(data: dict[str, Any], settings: Settings) -> int | None:
+    """``count``: absent or null (the profile's ``scale:``, else 1), or a whole number from 1 to
+    ``NAP_MAX_COUNT`` (not a boolean, a fraction or a string)."""
+    count = data.get("count")
+    if count is not None and (
+        not isinstance(count, int) or isinstance(count, bool) or not 1 <= count <= settings.max_count
+    ):
+        raise BadRequest(f"count must be a whole number from 1 to {settings.max_count}")
+    return count
 
 
 async def start_common(request: web.Request) -> web.Response:
@@ -183,16 +232,13 @@ async def start_common(request: web.Request) -> web.Response:
     settings = request.app[SETTINGS]
     app = service_arg(request.match_info["app"], user)
     data = await json_object(request)
+    given = _launch_params(data)
+    count = _count(data, settings)
     spec = apps.spec(settings, user, app)
     if spec.kind != "common":
         raise BadRequest(f"app {app!r} is an MPI app: use start_mpi")
     _valid(spec)
-    params = _launch_params(data, spec)
-    count = data.get("count")
-    if count is not None and (
-        not isinstance(count, int) or isinstance(count, bool) or not 1 <= count <= settings.max_count
-    ):
-        raise BadRequest(f"count must be a whole number from 1 to {settings.max_count}")
+    params = _launch_values(given, spec)
     return await enqueue(request, "start_common", user, {"user": user, "app": app, "params": params, "count": count})
 
 
@@ -201,11 +247,12 @@ async def start_mpi(request: web.Request) -> web.Response:
     settings = request.app[SETTINGS]
     app = service_arg(request.match_info["app"], user)
     data = await json_object(request)
+    given = _launch_params(data)
     spec = apps.spec(settings, user, app)
     if spec.kind != "mpi":
         raise BadRequest(f"app {app!r} has no mpi.xml: use start_common")
     _valid(spec)
-    params = _launch_params(data, spec)
+    params = _launch_values(given, spec)
     return await enqueue(request, "start_mpi", user, {"user": user, "app": app, "params": params})
 
 

@@ -1,6 +1,8 @@
 """A real HTTP server on 127.0.0.1 for deploy tests, in a thread: serves files from a folder.
 
 ``/slow/<file>?seconds=S`` trickles the file over about S seconds (to kill a worker mid-download).
+``/redirect?to=URL`` answers 302 to URL. ``/fail/<code>?reason=R&body=B`` answers status ``code`` with
+the reason phrase R and the body B (what a deploy's error must not quote).
 """
 
 from __future__ import annotations
@@ -26,6 +28,20 @@ class FileServer:
                 parsed = urllib.parse.urlparse(self.path)
                 query = urllib.parse.parse_qs(parsed.query)
                 path = parsed.path
+                if path == "/redirect":
+                    self.send_response(302)
+                    self.send_header("Location", query["to"][0])
+                    self.send_header("Content-Length", "0")
+                    self.end_headers()
+                    return
+                if path.startswith("/fail/"):
+                    body = query.get("body", [""])[0].encode()
+                    self.send_response(int(path[len("/fail/") :]), query.get("reason", ["Failed"])[0])
+                    self.send_header("Content-Type", "text/plain")
+                    self.send_header("Content-Length", str(len(body)))
+                    self.end_headers()
+                    self.wfile.write(body)
+                    return
                 slow = path.startswith("/slow/")
                 if slow:
                     path = path[len("/slow") :]

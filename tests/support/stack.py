@@ -57,6 +57,10 @@ class NapStack:
             "NAP_ENGINE": engine,
             "NAP_NAMESPACE": self.namespace,
             "NAP_ALLOW_LOCAL_SOURCES": "1",
+            # Local sources from the folder beside the stack's home (the session's temp folder, which
+            # holds the tests' own); its home stays refused. The file servers listen on loopback.
+            "NAP_LOCAL_SOURCES_DIR": str(self.home.parent),
+            "NAP_FETCH_ALLOW": "127.0.0.0/8",
             "NAP_ADMIN_TOKEN": self.admin_token,
             "NAP_API_PORT": str(self.api_port),
             # A dead worker's messages come back after 3 s; maintenance runs on most broker commands.

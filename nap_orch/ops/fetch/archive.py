@@ -44,10 +44,13 @@ async def unpack(
     archive: Path, work: Path, settings: Settings, log: Log, check: Check, described: str
 ) -> tuple[Path, dict]:
     """Extract ``archive`` (recognised by its first bytes) under ``work``; return the app folder and
-    the summary. ``described`` says where the bytes came from, for the not-an-archive message."""
-    fmt, head = archive_format(archive)
+    the summary. ``described`` says what the bytes are (their content type), for the not-an-archive
+    message."""
+    fmt, _ = archive_format(archive)
     if fmt is None:
-        raise FetchError(f"not an archive or repository ({described}, first bytes {head[:24]!r})")
+        # Not a byte of it is quoted: a deploy must not become a way to read what a server answers.
+        size = archive.stat().st_size
+        raise FetchError(f"not an archive or repository ({described}, {human(size)})")
     app, files, size = await in_thread(partial(extract, archive, fmt, work / "tree", settings), log, check)
     await log(f"extracted {files} files ({size} bytes)")
     return app, {"kind": "archive", "files": files, "bytes": size}

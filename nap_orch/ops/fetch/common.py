@@ -117,6 +117,22 @@ def redact(url: str) -> str:
     return urlunsplit(parts._replace(netloc="***@" + parts.netloc.rpartition("@")[2]))
 
 
+def credentials_refusal(url: str) -> str | None:
+    """Why ``url`` is refused for carrying credentials (``user:password@``), or None. A deploy URL is
+    kept and shown (the job's record and events, the app's URL in the state store, the worker's log),
+    so it must hold no secret; refusing it is simpler and safer than redacting it everywhere."""
+    try:
+        netloc = urlsplit(url).netloc
+    except ValueError:
+        return None  # not a URL at all: others say so
+    if "@" in netloc:
+        return (
+            "the URL carries credentials (user:password@host); deploy URLs are kept and shown with the"
+            " app and its jobs, so they may hold none: use a URL that needs no credentials"
+        )
+    return None
+
+
 def human(count: int) -> str:
     if count < 1024:
         return f"{count} bytes"
