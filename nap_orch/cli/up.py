@@ -194,7 +194,6 @@ def up(settings: Settings, args) -> int:
     home.mkdir(parents=True, exist_ok=True)
     env = dict(os.environ)
     env["NAP_HOME"] = str(home)
-    env.setdefault("NAP_ALLOW_LOCAL_SOURCES", "1")
     # What reaches the parts through NAP_HOME/platform.env only; what the caller set is kept as it is.
     private = {k: os.environ[k] for k in ("NAP_REDIS_URL", "NAP_ETCD") if os.environ.get(k)}
     stack = Stack(settings)

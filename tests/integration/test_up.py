@@ -103,6 +103,9 @@ def test_nap_up_restarts_a_part_that_dies_and_goes_on_serving(tmp_path):
     passable(home)  # the sandbox reaches instance folders as the tenant's uid
     env = {k: v for k, v in os.environ.items() if not k.startswith("NAP_")}
     env["NAP_HOME"] = str(home)
+    # It deploys a folder of this test's own: local sources are off in nap up unless asked for.
+    env["NAP_ALLOW_LOCAL_SOURCES"] = "1"
+    env["NAP_LOCAL_SOURCES_DIR"] = str(tmp_path)
     proc = subprocess.Popen(
         [sys.executable, "-m", "nap_orch", "up", "--port", str(port)],
         env=env,
