@@ -10,6 +10,7 @@ from __future__ import annotations
 import asyncio
 import functools
 import os
+import uuid
 from dataclasses import dataclass
 
 import dramatiq
@@ -18,6 +19,7 @@ from dramatiq.middleware import AgeLimit, AsyncIO, Callbacks, Pipelines, Retries
 
 from ..config import Settings
 from ..keys import RedisKeys
+from .records import Queued
 
 QUEUE = "nap"
 
@@ -80,6 +82,15 @@ async def send(broker: RedisBroker, kind: str, job_id: str, delay_ms: int | None
     await asyncio.get_running_loop().run_in_executor(
         None, functools.partial(broker.enqueue, message(kind, job_id), delay=delay_ms)
     )
+
+
+def queued(settings: Settings, kind: str, job_id: str) -> Queued:
+    """The job's message as dramatiq's Redis broker enqueues it (``dispatch.lua``'s ``enqueue``: the
+    body in ``<queue>.msgs`` under a fresh id, the id pushed on the queue), for ``JobStore.create`` to
+    write in the same transaction as the job's record. No middleware here acts on enqueue."""
+    rid = str(uuid.uuid4())
+    msg = message(kind, job_id).copy(options={"redis_message_id": rid})
+    return Queued(queue_keys(settings)[0], rid, msg.encode())
 
 
 def queue_keys(settings: Settings) -> list[str]:

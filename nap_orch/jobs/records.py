@@ -21,7 +21,7 @@ import time
 import uuid
 from collections.abc import AsyncGenerator, Awaitable, Callable
 from dataclasses import asdict, dataclass, field
-from typing import Any, TypeVar
+from typing import Any, NamedTuple, TypeVar
 
 import redis.asyncio as aioredis
 import redis.exceptions
@@ -146,6 +146,15 @@ return 0
 """
 
 
+class Queued(NamedTuple):
+    """A message put straight into a dramatiq queue: the queue's Redis name, the message's Redis id and
+    its encoded body (``jobs.broker.queued``)."""
+
+    queue: str
+    message_id: str
+    data: bytes
+
+
 class JobStore:
     """Records and events of jobs. One per process; ``redis`` is a ``redis.asyncio.Redis``."""
 
@@ -165,15 +174,30 @@ class JobStore:
         await self.redis.aclose()
 
     # -- records ---------------------------------------------------------------------------------
-    async def create(self, kind: str, user: str, args: dict, retention: float = DEFAULT_RETENTION) -> Job:
-        """Record a queued job, kept ``retention`` seconds once it ends (0: for ever)."""
+    async def create(
+        self,
+        kind: str,
+        user: str,
+        args: dict,
+        retention: float = DEFAULT_RETENTION,
+        enqueue: Callable[[str], Queued] | None = None,
+    ) -> Job:
+        """Record a queued job, kept ``retention`` seconds once it ends (0: for ever), with its first
+        event; with ``enqueue`` (which gives the message for a job id), its message goes to the queue in
+        the same transaction: one round trip, and never a job recorded but not queued."""
         job = Job(id=uuid.uuid4().hex[:16], kind=kind, user=user, args=args)
+        event = self._event(job, "state", {"state": job.state, "kind": kind, "args": args})
         async with self.redis.pipeline(transaction=True) as p:
             p.hset(self.keys.job(job.id), mapping={**job.to_hash(), "retention": json.dumps(retention)})
             p.zadd(self.keys.user_jobs(user), {job.id: job.created})
             p.zadd(self.keys.active_jobs, {job.id: job.created})
+            p.xadd(self.keys.job_events(job.id), event, maxlen=STREAM_MAXLEN, approximate=True)
+            p.xadd(self.keys.user_events(job.user), event, maxlen=STREAM_MAXLEN, approximate=True)
+            if enqueue is not None:
+                queued = enqueue(job.id)
+                p.hset(f"{queued.queue}.msgs", queued.message_id, queued.data)
+                p.rpush(queued.queue, queued.message_id)
             await p.execute()
-        await self.emit(job, "state", {"state": job.state, "kind": kind, "args": args})
         return job
 
     async def get(self, job_id: str, user: str | None = None) -> Job:
