@@ -5,7 +5,6 @@ Routes are declared in ``routes()``; a job is recorded and enqueued by ``enqueue
 
 from __future__ import annotations
 
-import contextlib
 from typing import Any
 from urllib.parse import urlparse
 
@@ -14,12 +13,13 @@ from aiohttp import web
 from ..config import Settings
 from ..errors import AppError, BadRequest, Forbidden, NotFound
 from ..http import json_object, json_type
-from ..jobs.broker import send
-from ..jobs.records import UNREACHABLE, JobState
+from ..jobs.broker import queued
+from ..jobs.records import JobState
 from ..names import InstanceName, check_name, control_character, split_service
 from ..ops import apps, profile
+from ..ops.fetch import check_url
 from ..ops.instances import manage
-from .context import BROKER, RUNTIME, SETTINGS, USERS, caller
+from .context import RUNTIME, SETTINGS, USERS, caller
 from .sse import job_events, user_events
 
 ALLOWED_SCHEMES = ("http", "https", "git", "git+http", "git+https")
@@ -74,26 +74,22 @@ def check_source_url(url, settings: Settings) -> None:
     if any(ord(c) < 32 for c in url):
         raise BadRequest("url contains control characters")
     scheme = urlparse(url).scheme.lower()
-    if scheme in ALLOWED_SCHEMES:
-        return
     if scheme == "file" or (not scheme and url.startswith("/")):
-        if settings.allow_local_sources:
-            return
-        raise BadRequest("local sources (file:// or a path) are not allowed on this server")
-    raise BadRequest(f"URL scheme {scheme or '(none)'!r} is not allowed: use http, https or git")
+        if not settings.allow_local_sources:
+            raise BadRequest("local sources (file:// or a path) are not allowed on this server")
+    elif scheme not in ALLOWED_SCHEMES:
+        raise BadRequest(f"URL scheme {scheme or '(none)'!r} is not allowed: use http, https or git")
+    # The fetcher's own checks: no credentials, no odd spelling of an address, no address the fetch
+    # policy refuses, a local path inside NAP_LOCAL_SOURCES_DIR and outside NAP_HOME.
+    check_url(url, settings)
 
 
 async def enqueue(request: web.Request, kind: str, user: str, args: dict[str, Any]) -> web.Response:
-    rt = request.app[RUNTIME]
-    job = await rt.jobs.create(kind, user, args, retention=request.app[SETTINGS].job_retention)
-    try:
-        await send(request.app[BROKER], kind, job.id)
-    except UNREACHABLE:
-        # Recorded but not queued: end it, so that it does not run later although this answered 503
-        # (if Redis is gone for that too, the reaper queues it, and it runs: it is in the user's list).
-        with contextlib.suppress(*UNREACHABLE):
-            await rt.jobs.transition(job, JobState.FAILED, {JobState.QUEUED}, error="not queued: Redis unreachable")
-        raise
+    settings = request.app[SETTINGS]
+    # The record, its first event and its message, in one transaction (one round trip to Redis).
+    job = await request.app[RUNTIME].jobs.create(
+        kind, user, args, retention=settings.job_retention, enqueue=lambda job_id: queued(settings, kind, job_id)
+    )
     return web.json_response(
         {
             "job": job.id,
