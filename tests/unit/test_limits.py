@@ -30,13 +30,11 @@ def test_the_request_rate_is_per_user_and_says_when_to_come_back():
 def test_event_streams_are_counted_per_user_and_per_process_and_given_back():
     limits = Limits(streams_per_user=2, streams_total=3)
     with limits.stream("alice"), limits.stream("alice"):
-        with pytest.raises(TooManyRequests):
-            with limits.stream("alice"):
-                pass
+        with pytest.raises(TooManyRequests), limits.stream("alice"):
+            pass
         with limits.stream("bob"):
-            with pytest.raises(Busy) as e:
-                with limits.stream("carol"):
-                    pass
+            with pytest.raises(Busy) as e, limits.stream("carol"):
+                pass
             assert e.value.status == 503
     assert limits.streams == {}  # every place given back, the refused ones never taken
     with limits.stream("carol"):
