@@ -6,15 +6,21 @@ import asyncio
 import os
 import subprocess
 import time
+import uuid
 from pathlib import Path
 
 import pytest
+import redis
 import yaml
 
 from nap_orch.cli.client import ApiError
+from nap_orch.errors import NotFound
+from nap_orch.jobs.records import JobState, JobStore
 from nap_orch.store.etcd import EtcdStore
 from tests.support.apps import web_app, write_app
-from tests.support.flows import deploy, publish, run_cli, wait_state
+from tests.support.fixtures import LIMITS
+from tests.support.flows import deploy, publish, run_cli, wait_state, wait_until
+from tests.support.stack import NapStack
 
 
 def big_app(tmp_path, file_server):
@@ -70,6 +76,71 @@ def test_user_stream_and_job_list_by_state(stack, user, file_server, tmp_path):
     assert e.value.status == 400
     events = list(client.events("/v1/events?follow=0"))
     assert {e["data"]["job"] for e in events} == {ok["id"], bad["id"]}
+
+
+async def test_a_finished_job_and_its_events_expire_after_its_retention(redis_server):
+    redis_server.start()
+    jobs = JobStore.from_url(redis_server.url, f"test-{uuid.uuid4().hex[:12]}")
+    r, k = jobs.redis, jobs.keys
+    try:
+        done, kept, live, cancelled = [
+            await jobs.create("deploy", "alice", {"n": i}, retention=keep) for i, keep in enumerate((1, 0, 1, 1))
+        ]
+        for job in (done, kept, live):
+            assert await jobs.start_attempt(job)
+        assert await jobs.transition(done, JobState.SUCCEEDED, {JobState.RUNNING}, result={})
+        assert await jobs.transition(kept, JobState.FAILED, {JobState.RUNNING}, error="kept for ever")
+        await jobs.request_cancel(cancelled)
+        for job in (done, cancelled):  # ended: record and events expire after the job's retention
+            assert 0 < await r.pttl(k.job(job.id)) <= 1000 and 0 < await r.pttl(k.job_events(job.id)) <= 1000
+        for job in (kept, live):  # retention 0 keeps it; a running job is kept whatever its retention
+            assert await r.pttl(k.job(job.id)) == -1 and await r.pttl(k.job_events(job.id)) == -1
+        await asyncio.sleep(1.2)
+        for job in (done, cancelled):
+            with pytest.raises(NotFound):
+                await jobs.get(job.id)
+            assert not await r.exists(k.job_events(job.id))
+        assert [j.id for j in await jobs.list("alice")] == [live.id, kept.id]
+        assert {i.decode() for i in await r.zrange(k.user_jobs("alice"), 0, -1)} == {live.id, kept.id}
+        assert await r.xlen(k.user_events("alice")) > 0  # the user's stream is trimmed by length instead
+    finally:
+        keys = [key async for key in r.scan_iter(f"{k.ns}:*")]
+        if keys:
+            await r.delete(*keys)
+        await jobs.close()
+
+
+def test_jobs_are_removed_after_nap_job_retention(redis_server, file_server, tmp_path, tmp_path_factory):
+    s = NapStack(
+        tmp_path_factory.mktemp("nap-ret"), redis_server.url, "", extra_env={**LIMITS, "NAP_JOB_RETENTION": "2"}
+    )
+    s.start(agent=False)  # a deploy needs no engine
+    try:
+        _, client = s.add_user()
+        job = deploy(s, client, "web", publish(file_server, web_app(tmp_path / "web"), "tgz"))
+        assert job["state"] == "succeeded"
+        assert [j["id"] for j in client.get("/v1/jobs")["jobs"]] == [job["id"]]
+        r = redis.Redis.from_url(redis_server.url)
+        assert 0 < r.pttl(f"{s.namespace}:job:{job['id']}") <= 2000
+        assert 0 < r.pttl(f"{s.namespace}:ev:job:{job['id']}") <= 2000
+        wait_until(lambda: not r.exists(f"{s.namespace}:job:{job['id']}"), 5, "the job's record to expire")
+        with pytest.raises(ApiError) as e:
+            client.get(f"/v1/jobs/{job['id']}")
+        assert e.value.status == 404 and client.get("/v1/jobs")["jobs"] == []
+        assert not r.exists(f"{s.namespace}:ev:job:{job['id']}")
+        assert r.zcard(f"{s.namespace}:jobs:{job['user']}") == 0  # the list dropped its id
+        r.close()
+    finally:
+        s.stop()
+
+
+def test_a_job_records_the_platforms_retention(stack, user, file_server, tmp_path):
+    _, client = user
+    job = deploy(stack, client, "web", publish(file_server, web_app(tmp_path / "web"), "tgz"))
+    r = redis.Redis.from_url(stack.env["NAP_REDIS_URL"])
+    assert r.hget(f"{stack.namespace}:job:{job['id']}", "retention") == b"604800.0"  # NAP_JOB_RETENTION's default
+    assert 604_700 < r.ttl(f"{stack.namespace}:job:{job['id']}") <= 604_800
+    r.close()
 
 
 def test_cancel_a_queued_job(stack, user, file_server, tmp_path):
