@@ -48,8 +48,12 @@ def test_a_queued_job_whose_message_was_lost_is_queued_again(stack, user, file_s
     assert job_states(client, job) == ["queued", "queued", "running", "succeeded"]
 
 
-def test_a_running_job_whose_worker_and_message_were_lost_runs_again_once(stack, user, file_server, tmp_path):
-    name, client = user
+@pytest.mark.parametrize("engine_stack", ["local", "slurm"], indirect=True)
+def test_a_running_job_whose_worker_and_message_were_lost_runs_again_once(engine_stack, file_server, tmp_path):
+    """On either engine: a launch whose worker died and whose message is gone is run again by the
+    reaper and resumes (its reservations are keyed by its job id): no duplicate number or port."""
+    stack = engine_stack
+    name, client = stack.add_user()
     deployed(stack, client, file_server, tmp_path, SLEEPER, "many")
     job = client.post("/v1/apps/many/instances", {"params": {}, "count": 30})["job"]
     wait_state(stack, client, job, "running")
