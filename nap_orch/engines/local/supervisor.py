@@ -84,6 +84,8 @@ class Pacer:
         if time.monotonic() - self.since >= SLICE:
             await asyncio.sleep(0)
             self.since = time.monotonic()
+
+
 SPARE_FILES = 5 * 1024  # five files an instance: a batch of 1000 finds them ready
 PUNCH_MIN = 1024 * 1024  # free the journaled part of a raw output file in steps of at least this
 
