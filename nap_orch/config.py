@@ -143,6 +143,12 @@ class Settings:
     token_cache_ttl: float = 10.0
     # Fair workers: jobs of one user running at once, over all workers (the rest wait in the queue).
     user_jobs_running: int = 4
+    # Each user's quotas unless an admin set the user's own (ops.quotas): instances in all, apps, disk
+    # of the user's apps and instance folders, memory summed over instances (sizes like 20g).
+    quota_instances: int = 2000
+    quota_apps: int = 100
+    quota_disk: str = "50g"
+    quota_memory: str = "512g"
 
     @classmethod
     def from_env(cls, env: Mapping[str, str] | None = None, **overrides: Any) -> Settings:

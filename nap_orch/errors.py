@@ -30,6 +30,13 @@ class Forbidden(NapError):
     code = "forbidden"
 
 
+class QuotaExceeded(NapError):
+    """The user's quota (instances, apps, disk, memory) would be exceeded."""
+
+    status = 403
+    code = "quota_exceeded"
+
+
 class NotFound(NapError):
     status = 404
     code = "not_found"

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 # State store (etcd or the Redis fallback): the seed's keys ...
 URL = "/services/url/{user}/{app}"
+URLS_OF_USER = "/services/url/{user}/"
 PORT = "/services/port/{user}/{app}/{n}"
 PORTS_OF_APP = "/services/port/{user}/{app}/"
 MPI = "/services/mpi/{user}/{app}/{run}/"  # + slave<i> = {"host", "slots"}: the run's registered slaves
@@ -11,10 +12,13 @@ MPI_OF_APP = "/services/mpi/{user}/{app}/"
 # ... and the platform's own, under /nap/.
 INSTANCE = "/nap/instances/{user}/{app}/{n}"  # reservation of instance number n (value: instance name)
 INSTANCES_OF_APP = "/nap/instances/{user}/{app}/"
+INSTANCES_OF_USER = "/nap/instances/{user}/"
 PORT_RESERVATION = "/nap/ports/{host}/{port}"  # value: instance name holding the port
 PORTS_OF_HOST = "/nap/ports/{host}/"
 TENANT = "/nap/tenants/{user}"  # the user's uid (= its gid), given once (ops.tenants)
 UID = "/nap/uids/{uid}"  # value: the user the uid was given to
+QUOTA = "/nap/quotas/{user}"  # the user's own limits, where an admin set them (ops.quotas)
+QUOTA_LOCK = "/nap/quota-locks/{user}"  # held while a launch reserves and counts (value: its job)
 # Engines keep records of their own under /nap/<engine>/ (each in its own package).
 
 

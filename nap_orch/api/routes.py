@@ -16,7 +16,7 @@ from ..http import json_object, json_type
 from ..jobs.broker import queued
 from ..jobs.records import JobState
 from ..names import InstanceName, check_name, control_character, split_service
-from ..ops import apps, profile
+from ..ops import apps, profile, quotas
 from ..ops.fetch import check_url
 from ..ops.instances import manage
 from .context import RUNTIME, SETTINGS, USERS, caller
@@ -115,6 +115,37 @@ async def add_user(request: web.Request) -> web.Response:
     return web.json_response({"name": name, "token": token}, status=201)
 
 
+async def quota_user(request: web.Request) -> str:
+    """The user named in the path, for the caller to see (an admin, or that user) or to change (an
+    admin); 404 for a user that does not exist."""
+    caller_name = await caller(request)
+    name = request.match_info["name"]
+    if not request["admin"] and name != caller_name:
+        raise Forbidden("only an admin can see another user's quota")
+    if name not in await request.app[USERS].list():
+        raise NotFound(f"no user {name[:40]!r}")
+    return name
+
+
+async def get_quota(request: web.Request) -> web.Response:
+    name = await quota_user(request)
+    store, settings = request.app[RUNTIME].store, request.app[SETTINGS]
+    limits = await quotas.limits(store, settings, name)
+    used = await quotas.usage(store, settings, name)
+    return web.json_response({"user": name, "limits": limits.to_json(), "usage": used.to_json()})
+
+
+async def set_quota(request: web.Request) -> web.Response:
+    name = await quota_user(request)
+    if not request["admin"]:
+        raise Forbidden("only an admin can change quotas")
+    changes = quotas.parse_changes(await json_object(request))
+    store, settings = request.app[RUNTIME].store, request.app[SETTINGS]
+    limits = await quotas.set_limits(store, settings, name, changes)
+    used = await quotas.usage(store, settings, name)
+    return web.json_response({"user": name, "limits": limits.to_json(), "usage": used.to_json()})
+
+
 async def whoami(request: web.Request) -> web.Response:
     user = await caller(request)
     return web.json_response({"name": user, "admin": request["admin"]})
@@ -134,7 +165,11 @@ async def deploy_app(request: web.Request) -> web.Response:
         raise BadRequest("url must be a non-empty string")
     if control_character(url) is not None:
         raise BadRequest("url contains control characters or line breaks")
-    check_source_url(url, request.app[SETTINGS])
+    settings = request.app[SETTINGS]
+    check_source_url(url, settings)
+    new_app = not apps.app_path(settings, user, app).is_dir()
+    # disk: 1 byte more than used, that is, no deploy once the disk quota is reached
+    await quotas.ensure(request.app[RUNTIME].store, settings, user, quotas.Amounts(apps=int(new_app), disk=1))
     return await enqueue(request, "deploy", user, {"user": user, "app": app, "url": url})
 
 
@@ -227,6 +262,18 @@ def _count(data: dict[str, Any], settings: Settings) -> int | None:
     return count
 
 
+async def _within_quota(
+    request: web.Request, user: str, app: str, spec: profile.AppSpec, units: int, copies: int
+) -> None:
+    """A launch of ``units`` instances (``copies`` folders) that would take the user over a quota is
+    refused now (403 quota_exceeded); its job checks again, counting its own reservations."""
+    settings = request.app[SETTINGS]
+    size = await quotas.app_size(settings, user, app)
+    each = spec.memory or quotas.UNSET_MEMORY
+    adding = quotas.Amounts(instances=units, memory=units * each, disk=size * copies)
+    await quotas.ensure(request.app[RUNTIME].store, settings, user, adding)
+
+
 async def start_common(request: web.Request) -> web.Response:
     user = await caller(request)
     settings = request.app[SETTINGS]
@@ -239,6 +286,8 @@ async def start_common(request: web.Request) -> web.Response:
         raise BadRequest(f"app {app!r} is an MPI app: use start_mpi")
     _valid(spec)
     params = _launch_values(given, spec)
+    n = count or spec.scale or 1
+    await _within_quota(request, user, app, spec, units=n, copies=n)
     return await enqueue(request, "start_common", user, {"user": user, "app": app, "params": params, "count": count})
 
 
@@ -253,6 +302,7 @@ async def start_mpi(request: web.Request) -> web.Response:
         raise BadRequest(f"app {app!r} has no mpi.xml: use start_common")
     _valid(spec)
     params = _launch_values(given, spec)
+    await _within_quota(request, user, app, spec, units=spec.hosts + 1, copies=1)
     return await enqueue(request, "start_mpi", user, {"user": user, "app": app, "params": params})
 
 
@@ -356,6 +406,8 @@ def routes() -> list[web.RouteDef]:
     return [
         web.get("/health", health),
         web.post("/v1/users", add_user),
+        web.get("/v1/users/{name}/quota", get_quota),
+        web.post("/v1/users/{name}/quota", set_quota),
         web.get("/v1/whoami", whoami),
         web.post("/v1/apps", deploy_app),
         web.get("/v1/apps", list_services),

@@ -179,10 +179,30 @@ def cmd_remote(args) -> int:
     elif op == "cancel":
         r = c.post(f"/v1/jobs/{args.id}/cancel")
         _out(args, r, f"job {r['id']}: {r['state']}" + (" (cancel requested)" if r["state"] == "running" else ""))
-    elif op == "user":
+    elif op == "user" and args.action == "add":
+        if args.changes:
+            print("error: nap user add NAME takes no NAME=VALUE (those are for nap user quota)", file=sys.stderr)
+            return 2
         r = c.post("/v1/users", {"name": args.name, "admin": args.admin})
         _out(args, r, r["token"])
+    elif op == "user":  # quota
+        changes = {}
+        for pair in args.changes:
+            key, eq, value = pair.partition("=")
+            if not eq:
+                print(f"error: {pair!r} is not NAME=VALUE (instances=500, disk=20g, apps=default)", file=sys.stderr)
+                return 2
+            changes[key] = None if value == "default" else int(value) if value.isdigit() else value
+        path = f"/v1/users/{args.name}/quota"
+        r = c.post(path, changes) if changes else c.get(path)
+        _out(args, r, quota_table(r))
     return 0
+
+
+def quota_table(r: dict) -> str:
+    """A user's quotas: each with what is used and the limit."""
+    rows = [f"{name}\t{r['usage'][name]}\tof {r['limits'][name]}" for name in ("instances", "apps", "disk", "memory")]
+    return f"quotas of {r['user']} (used, limit; disk and memory in bytes):\n" + "\n".join(rows)
 
 
 def instance_row(i: dict) -> str:
@@ -276,9 +296,12 @@ def parser() -> argparse.ArgumentParser:
     op("job", "one job's record").add_argument("id")
     op("watch", "follow a job's events until it ends").add_argument("id")
     op("cancel", "cancel a job").add_argument("id")
-    s = op("user", "manage users (admin): nap user add NAME")
-    s.add_argument("action", choices=["add"])
+    s = op("user", "manage users (admin): nap user add NAME; nap user quota NAME [instances=N disk=20g ...]")
+    s.add_argument("action", choices=["add", "quota"])
     s.add_argument("name")
+    s.add_argument(
+        "changes", nargs="*", help="quota: NAME=VALUE for instances, apps, disk, memory (VALUE default: reset)"
+    )
     s.add_argument("--admin", action="store_true")
     op("api", "run the HTTP API").add_argument("--port", type=int)
     s = op("worker", "run job workers (dramatiq)")

@@ -7,7 +7,7 @@ from typing import Any
 
 from .. import keys
 from ..names import check_name
-from . import apps, profile
+from . import apps, profile, quotas
 from .context import Context
 from .fetch import fetch
 
@@ -36,6 +36,11 @@ async def deploy_app(ctx: Context, user: str, app: str, url: str) -> dict[str, A
         spec = profile.load(staged)
         profile.validate(spec)
         await ctx.check()
+        # The staged copy counts (it is in the user's folder); the version it replaces is about to go.
+        new_app = not apps.app_path(settings, user, app).is_dir()
+        touched = ("apps", "disk") if new_app else ("disk",)
+        old = await quotas.app_size(settings, user, app)
+        await quotas.ensure_within(ctx.store, settings, user, touched, less_disk=old, more_apps=1 if new_app else 0)
         apps.publish(settings, user, app, staged, ctx.job_id)
     finally:
         shutil.rmtree(work, ignore_errors=True)

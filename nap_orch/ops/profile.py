@@ -86,6 +86,14 @@ def parse_fields(text: str) -> dict[str, str]:
 MEMORY_MIN, MEMORY_MAX = 1024**2, 1024**5  # 1m .. 1024t: what a cgroup limit (and Slurm's --mem) holds
 
 
+def parse_size(raw: str, what: str = "size") -> int:
+    """A size like ``20g`` or ``512m`` (or bytes) in bytes; 400 when it is not one."""
+    m = MEMORY_RE.fullmatch(raw) if isinstance(raw, str) else None
+    if not m or len(raw) > 40:
+        raise BadRequest(f"{what}: {str(raw)[:40]!r} is not a size like 512m or 20g")
+    return int(m[1]) * UNITS[m[2].lower()]
+
+
 def parse_memory(raw: str) -> int:
     m = MEMORY_RE.fullmatch(raw)
     if not m:

@@ -103,6 +103,9 @@ LIMITS = {
     # The reaper sweeps every second and acts on a job stranded for 3 s (the defaults: 10 s and 30 s).
     "NAP_REAP_INTERVAL": "1",
     "NAP_REAP_GRACE": "3",
+    # Quotas out of the way of the launches of thousands (test_quotas.py sets users' own).
+    "NAP_QUOTA_INSTANCES": "100000",
+    "NAP_QUOTA_MEMORY": "100t",
     # The file servers the tests deploy from listen on loopback, which the fetch policy refuses.
     "NAP_FETCH_ALLOW": "127.0.0.0/8",
 }

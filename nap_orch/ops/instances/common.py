@@ -15,9 +15,9 @@ from ... import keys, units
 from ...config import Settings
 from ...engines.base import RUNNING, InstanceStatus, UnitSpec
 from ...engines.ports import Ports, bindable
-from ...errors import AppError, BadRequest, EngineError, Exhausted
+from ...errors import AppError, BadRequest, EngineError, Exhausted, QuotaExceeded
 from ...store.base import Store
-from .. import apps, profile, tenants
+from .. import apps, profile, quotas, tenants
 from ..context import Context
 from .launch import instance_dir, reserve_numbers, wait_settled, write_copy
 
@@ -109,7 +109,14 @@ async def start_common(
         await engine.check_room(count)
 
     uid = await tenants.uid_of(store, settings, user) if settings.sandbox else None
-    numbers = await reserve_numbers(store, settings, user, app, count, owner)
+    copies = await quotas.app_size(settings, user, app) * count
+    async with quotas.held(store, user, owner):  # of two launches at once, the second counts the first's
+        numbers = await reserve_numbers(store, settings, user, app, count, owner, spec.memory)
+        try:
+            await quotas.ensure_reserved(store, settings, user, copies)
+        except QuotaExceeded:
+            await store.delete_many([keys.INSTANCE.format(user=user, app=app, n=n) for n in numbers])
+            raise
     slots = [Slot(n, f"{user}_{app}_common@{n}") for n in numbers]
     submitted: list[str] = []
     ports: dict[str, int] = {}
@@ -121,8 +128,8 @@ async def start_common(
             # The instance's record keeps its port: start_app brings it back on the same one.
             await store.put_many(
                 {
-                    keys.INSTANCE.format(user=user, app=app, n=s.n): json.dumps(
-                        {"job": owner, "host": host, "port": s.port}
+                    keys.INSTANCE.format(user=user, app=app, n=s.n): quotas.reservation(
+                        owner, spec.memory, host=host, port=s.port
                     )
                     for s in slots
                 }

@@ -19,7 +19,7 @@ from ... import keys
 from ...config import Settings
 from ...engines.base import ENDED, RUNNING, InstanceStatus
 from ...store.base import Store
-from .. import profile
+from .. import profile, quotas
 from ..context import Context
 
 SETTLED = ENDED | {RUNNING}
@@ -29,8 +29,18 @@ def instance_dir(settings: Settings, user: str, app: str, n: int | str) -> Path:
     return settings.apps_dir / user / f"{user}_{app}_{n}"
 
 
-async def reserve_numbers(store: Store, settings: Settings, user: str, app: str, count: int, owner: str) -> list[int]:
-    """Reserve ``count`` fresh instance numbers (a retry of the same job gets its own back)."""
+async def reserve_numbers(
+    store: Store,
+    settings: Settings,
+    user: str,
+    app: str,
+    count: int,
+    owner: str,
+    memory: int | None = None,
+    units: int = 1,
+) -> list[int]:
+    """Reserve ``count`` fresh instance numbers (a retry of the same job gets its own back); each
+    records what it counts for in the quotas (``units`` instances of ``memory`` bytes each)."""
     taken = await store.get_prefix(keys.INSTANCES_OF_APP.format(user=user, app=app))
     mine, highest = [], 0
     for key, value in taken.items():
@@ -49,7 +59,7 @@ async def reserve_numbers(store: Store, settings: Settings, user: str, app: str,
     while len(mine) < count:
         want = list(range(nxt, nxt + count - len(mine)))
         nxt = want[-1] + 1
-        value = json.dumps({"job": owner})
+        value = quotas.reservation(owner, memory, units)
         got = await store.create_many([(keys.INSTANCE.format(user=user, app=app, n=n), value) for n in want])
         mine += [n for n, ok in zip(want, got) if ok]
     return sorted(mine)

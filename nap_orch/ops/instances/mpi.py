@@ -23,9 +23,9 @@ from typing import Any
 from ... import keys, rank, units
 from ...config import Settings
 from ...engines.base import UnitSpec
-from ...errors import AppError, BadRequest
+from ...errors import AppError, BadRequest, QuotaExceeded
 from ...names import InstanceName, Kind
-from .. import apps, profile, tenants
+from .. import apps, profile, quotas, tenants
 from ..context import Context, Resources
 from .launch import instance_dir, reserve_numbers, wait_settled, write_copy
 
@@ -176,7 +176,14 @@ async def start_mpi(ctx: Context, user: str, app: str, params: dict[str, Any]) -
         raise BadRequest(f"missing parameter(s): {', '.join(absent)}")
     uid = await tenants.uid_of(store, settings, user) if settings.sandbox else None
     await forget_ended_runs(ctx, user, app)
-    [run] = await reserve_numbers(store, settings, user, app, 1, ctx.job_id)
+    size = await quotas.app_size(settings, user, app)
+    async with quotas.held(store, user, ctx.job_id):
+        [run] = await reserve_numbers(store, settings, user, app, 1, ctx.job_id, spec.memory, units=hosts + 1)
+        try:
+            await quotas.ensure_reserved(store, settings, user, size)
+        except QuotaExceeded:
+            await store.delete(keys.INSTANCE.format(user=user, app=app, n=run))
+            raise
     folder = instance_dir(settings, user, app, run)
     fill = {**values, "instance": str(run), "user": user, "app": app}
     names: list[str] = []

@@ -1,0 +1,118 @@
+"""Deploy drain benchmark: N trivial deploys (a one-file app served on loopback) submitted at once by
+U users, from the first submit until all have succeeded, on one worker process of 8 threads; against
+N no-op dramatiq messages drained by a worker of the same shape on the same Redis, in the same run.
+
+    python bench/deploy_drain.py                 # 400 deploys by 20 users, 3 rounds
+    python bench/deploy_drain.py --deploys 200 --rounds 1
+
+Several users, because one user's jobs run at most NAP_USER_JOBS_RUNNING (4) at once. It starts its own
+Redis, etcd, agent, worker and API in a temporary folder and removes everything after.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import dramatiq
+import redis as redis_client
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from tests.support.apps import tar_gz, write_app  # noqa: E402
+from tests.support.httpserver import FileServer  # noqa: E402
+from tests.support.services import EtcdServer, RedisServer  # noqa: E402
+from tests.support.stack import NapStack  # noqa: E402
+
+
+def drain_deploys(stack: NapStack, clients: list, url: str, n: int, tag: str) -> float:
+    t0 = time.monotonic()
+    jobs = [(c, c.post("/v1/apps", {"app": f"{tag}{i}", "url": url})["job"]) for i, c in enumerate(clients * n)][:n]
+    for client, job in jobs:
+        while (state := client.get(f"/v1/jobs/{job}")["state"]) not in ("succeeded", "failed"):
+            time.sleep(0.05)
+        assert state == "succeeded", client.get(f"/v1/jobs/{job}")
+    return time.monotonic() - t0
+
+
+def drain_noops(redis_url: str, n: int) -> float:
+    env = {**os.environ, "BENCH_REDIS_URL": redis_url}
+    root = Path(__file__).resolve().parent
+    worker = subprocess.Popen(
+        [sys.executable, "-m", "dramatiq", "noop_actor", "--processes", "1", "--threads", "8"],
+        cwd=root,
+        env=env,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
+    try:
+        sys.path.insert(0, str(root))
+        os.environ["BENCH_REDIS_URL"] = redis_url
+        import noop_actor  # noqa: PLC0415 - its broker is the benchmark's Redis, known only now
+
+        r = redis_client.Redis.from_url(redis_url)
+        noop_actor.noop.send()  # the worker is up once this one is done
+        while int(r.get("bench-noop:done") or 0) < 1:
+            time.sleep(0.05)
+        r.set("bench-noop:done", 0)
+        t0 = time.monotonic()
+        for _ in range(n):
+            noop_actor.noop.send()
+        while int(r.get("bench-noop:done") or 0) < n:
+            time.sleep(0.01)
+        took = time.monotonic() - t0
+        r.close()
+        return took
+    finally:
+        worker.terminate()
+        worker.wait(30)
+        dramatiq.get_broker().close()
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--deploys", type=int, default=400)
+    ap.add_argument("--users", type=int, default=20)
+    ap.add_argument("--rounds", type=int, default=3)
+    args = ap.parse_args()
+    with tempfile.TemporaryDirectory(prefix="nap-bench-drain-") as tmp:
+        root = Path(tmp)
+        redis = RedisServer(root / "redis")
+        redis.start()
+        etcd = EtcdServer(root / "etcd")
+        etcd.start()
+        www = FileServer(root / "www").start()
+        stack = NapStack(
+            root / "nap",
+            redis.url,
+            etcd.endpoint,
+            extra_env={"NAP_FETCH_ALLOW": "127.0.0.1", "NAP_USER_RATE": "1000", "NAP_USER_BURST": "1000"},
+        ).start()
+        try:
+            clients = [stack.add_user()[1] for _ in range(args.users)]
+            tar_gz(write_app(root / "src", {"profile": "command: sleep 1000\n"}), www.root / "app.tgz")
+            url = f"{www.url}/app.tgz"
+            print(f"{args.deploys} deploys by {args.users} users; one worker process of 8 threads")
+            print("round  deploys/s (s)        no-op messages/s (s)   ratio")
+            for r in range(1, args.rounds + 1):
+                took = drain_deploys(stack, clients, url, args.deploys, f"r{r}a")
+                base = drain_noops(redis.url, args.deploys)
+                print(
+                    f"{r:5d}  {args.deploys / took:7.1f} ({took:5.2f})   {args.deploys / base:9.1f} ({base:5.2f})"
+                    f"   {took / base:5.1f}",
+                    flush=True,
+                )
+        finally:
+            stack.stop()
+            www.stop()
+            etcd.stop()
+            redis.stop()
+
+
+if __name__ == "__main__":
+    main()
