@@ -36,17 +36,19 @@ async def deploy_app(ctx: Context, user: str, app: str, url: str) -> dict[str, A
         spec = profile.load(staged)
         profile.validate(spec)
         await ctx.check()
-        # The staged copy counts (it is in the user's folder); the version it replaces is about to go.
-        new_app = not apps.app_path(settings, user, app).is_dir()
-        touched = ("apps", "disk") if new_app else ("disk",)
-        old = await quotas.app_size(settings, user, app)
-        await quotas.ensure_within(ctx.store, settings, user, touched, less_disk=old, more_apps=1 if new_app else 0)
-        apps.publish(settings, user, app, staged, ctx.job_id)
+        # Under the user's quota lock, so that two deploys at once count each other: the staged copy
+        # counts (it is in the user's folder), the version it replaces is about to go.
+        async with quotas.held(ctx.store, user, ctx.job_id):
+            new_app = not apps.app_path(settings, user, app).is_dir()
+            touched = ("apps", "disk") if new_app else ("disk",)
+            old = await quotas.app_size(settings, user, app)
+            await quotas.ensure_within(ctx.store, settings, user, touched, less_disk=old, more_apps=int(new_app))
+            apps.publish(settings, user, app, staged, ctx.job_id)
+            await ctx.store.put(keys.URL.format(user=user, app=app), url)
     finally:
         shutil.rmtree(work, ignore_errors=True)
     path = apps.app_path(settings, user, app)
     await ctx.log(f"published {spec.filename} app at {path}")
-    await ctx.store.put(keys.URL.format(user=user, app=app), url)
     await ctx.log(f"wrote {keys.URL.format(user=user, app=app)} = {url}")
     return {
         "app": app,

@@ -127,7 +127,34 @@ def wait_master(client, app: str, run: int, timeout: float = 60) -> dict:
         if master["state"] in ("exited", "failed", "stopped"):
             return {"master": master, "rows": [r for r in rows if r["instance"].split("-")[0] == str(run)]}
         time.sleep(0.2)
-    raise AssertionError(f"master of run {run} still {master['state']}")
+    tail = "\n".join(client.lines(f"/v1/instances/{master['name']}/journal", lines=40))
+    pid = client.get(f"/v1/instances/{master['name']}").get("pid")
+    raise AssertionError(
+        f"master of run {run} still {master['state']} after {timeout} s; its journal:\n{tail}\n"
+        f"its processes:\n{process_tree(pid) if pid else '(no pid)'}"
+    )
+
+
+def process_tree(root: int) -> str:
+    """``pid state command`` of ``root`` and its descendants (this host's), for a failure's message."""
+    children: dict[int, list[int]] = {}
+    for entry in filter(str.isdigit, os.listdir("/proc")):
+        try:
+            ppid = int(open(f"/proc/{entry}/stat").read().rsplit(")", 1)[1].split()[1])
+        except (OSError, IndexError, ValueError):
+            continue
+        children.setdefault(ppid, []).append(int(entry))
+    lines, todo = [], [(root, 0)]
+    while todo:
+        pid, depth = todo.pop()
+        try:
+            state = open(f"/proc/{pid}/stat").read().rsplit(")", 1)[1].split()[0]
+            cmd = open(f"/proc/{pid}/cmdline", "rb").read().replace(b"\0", b" ").decode(errors="replace")[:200]
+        except OSError:
+            continue
+        lines.append(f"{'  ' * depth}{pid} {state} {cmd}")
+        todo += [(c, depth + 1) for c in children.get(pid, [])]
+    return "\n".join(lines)
 
 
 def wait_until(check, timeout: float, what: str, interval: float = 0.2) -> None:
