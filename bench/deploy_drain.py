@@ -32,7 +32,10 @@ from tests.support.stack import NapStack  # noqa: E402
 
 def drain_deploys(stack: NapStack, clients: list, url: str, n: int, tag: str) -> float:
     t0 = time.monotonic()
-    jobs = [(c, c.post("/v1/apps", {"app": f"{tag}{i}", "url": url})["job"]) for i, c in enumerate(clients * n)][:n]
+    jobs = []
+    for i in range(n):
+        client = clients[i % len(clients)]
+        jobs.append((client, client.post("/v1/apps", {"app": f"{tag}{i}", "url": url})["job"]))
     for client, job in jobs:
         while (state := client.get(f"/v1/jobs/{job}")["state"]) not in ("succeeded", "failed"):
             time.sleep(0.05)
