@@ -126,8 +126,11 @@ def master(args, program: list[str]) -> int:
 
 
 def wait_launcher(proc: subprocess.Popen, folder: Path, ranks: int | None) -> int:
-    """The launcher's exit code; with ``ranks``, also ends a launcher that outlives every rank by
-    ``LAUNCHER_GRACE`` seconds, and then the run's code is the ranks' (the first that is not 0)."""
+    """The launcher's exit code. A launcher that outlives every rank by ``LAUNCHER_GRACE`` seconds is
+    ended, and the run's code is the ranks' (the first that is not 0): with ``ranks``, as their exit
+    files say (a cluster's launcher); without, when every process the launcher started has ended and
+    it has not reaped them (Open MPI's mpirun has been seen to print that a rank aborted, then wait
+    for ever beside its other ranks' zombies)."""
     all_ended = None
     while True:
         try:
@@ -136,19 +139,48 @@ def wait_launcher(proc: subprocess.Popen, folder: Path, ranks: int | None) -> in
         except subprocess.TimeoutExpired:
             pass
         if ranks is None:
-            continue
-        codes = rank_codes(folder)
-        if len(codes) < ranks:
+            statuses = unreaped_children(proc.pid)
+            codes = None if statuses is None else [exit_code(st) for st in statuses]
+        else:
+            codes = rank_codes(folder)
+            codes = codes if len(codes) >= ranks else None
+        if codes is None:
+            all_ended = None
             continue
         all_ended = all_ended or time.monotonic()
         if time.monotonic() - all_ended > LAUNCHER_GRACE:
             print(
-                f"master: all {ranks} ranks ended {LAUNCHER_GRACE:g} s ago but the launcher did not: ending it",
+                f"master: every rank ended {LAUNCHER_GRACE:g} s ago but the launcher did not: ending it",
                 flush=True,
             )
             proc.kill()
             proc.wait()
             return next((c for c in codes if c != 0), 0)
+
+
+def unreaped_children(pid: int) -> list[int] | None:
+    """The wait statuses of ``pid``'s children when it has some and every one has ended without being
+    reaped (zombies: ``/proc/<child>/stat`` keeps the status, field 52); None otherwise."""
+    statuses = []
+    for entry in os.listdir("/proc"):
+        if not entry.isdigit():
+            continue
+        try:
+            with open(f"/proc/{entry}/stat") as f:
+                fields = f.read().rsplit(")", 1)[1].split()
+        except (OSError, IndexError):
+            continue
+        if len(fields) < 50 or fields[1] != str(pid):
+            continue
+        if fields[0] != "Z":
+            return None
+        statuses.append(int(fields[49]))
+    return statuses or None
+
+
+def exit_code(status: int) -> int:
+    """A wait status as a shell says it: the exit code, or 128 + the signal that ended the process."""
+    return (status >> 8) & 0xFF if status & 0x7F == 0 else 128 + (status & 0x7F)
 
 
 def rank_codes(folder: Path) -> list[int]:
