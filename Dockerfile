@@ -1,5 +1,9 @@
+# The image of every part (api, worker, agent): nap-orch with what instances and MPI builds need
+# (mpicc and mpirun, bubblewrap and setpriv for the sandbox, git for deploys from repositories).
 FROM python:3.11-slim
-RUN apt-get update && apt-get install -y --no-install-recommends git && rm -rf /var/lib/apt/lists/*
+RUN apt-get update \
+    && apt-get install -y --no-install-recommends git bubblewrap util-linux openmpi-bin libopenmpi-dev \
+    && rm -rf /var/lib/apt/lists/*
 WORKDIR /src
 COPY . .
 RUN pip install --no-cache-dir .

@@ -5,7 +5,11 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import logging
+import os
+import secrets
 from collections.abc import AsyncIterator
+from pathlib import Path
 
 import redis.asyncio as aioredis
 from aiohttp import web
@@ -20,6 +24,8 @@ from .auth import Users
 from .context import BROKER, LIMITS, RUNTIME, SETTINGS, STREAMS, USERS
 from .limits import Limits, TokenCache
 from .routes import routes
+
+log = logging.getLogger("nap.api")
 
 
 def make_app(settings: Settings) -> web.Application:
@@ -36,7 +42,8 @@ def make_app(settings: Settings) -> web.Application:
         streams = _pool(settings.redis_url, settings.sse_max, 1.0)
         rt = Runtime(settings, JobStore(aioredis.Redis(connection_pool=requests), settings.namespace))
         await rt.open()
-        users = Users(rt.jobs.redis, settings.namespace, settings.admin_token, TokenCache(ttl=settings.token_cache_ttl))
+        admin_token = settings.admin_token or first_admin_token(settings.home)
+        users = Users(rt.jobs.redis, settings.namespace, admin_token, TokenCache(ttl=settings.token_cache_ttl))
         await users.bootstrap()
         broker = make_broker(settings)
         broker.declare_queue(QUEUE)
@@ -68,6 +75,27 @@ def make_app(settings: Settings) -> web.Application:
     app.cleanup_ctx.append(resources)
     app.add_routes(routes())
     return app
+
+
+def first_admin_token(home: Path) -> str:
+    """With no ``NAP_ADMIN_TOKEN`` set, the admin's token kept in ``NAP_HOME/admin.token`` (mode 0600),
+    made on the first start and printed to the log then (as ``docker-compose up`` shows it); without
+    an admin token nobody could add users."""
+    path = home / "admin.token"
+    try:
+        return path.read_text().strip()
+    except FileNotFoundError:
+        pass
+    token = "nap_admin_" + secrets.token_urlsafe(24)
+    home.mkdir(parents=True, exist_ok=True)
+    try:
+        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+    except FileExistsError:  # another API process made it first
+        return path.read_text().strip()
+    with os.fdopen(fd, "w") as f:
+        f.write(token + "\n")
+    log.warning("no NAP_ADMIN_TOKEN: made the admin's token, kept in %s: NAP_TOKEN=%s", path, token)
+    return token
 
 
 def _pool(url: str, size: int, wait: float) -> aioredis.BlockingConnectionPool:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import http.client
 import json
 import os
 import urllib.error
@@ -68,9 +69,24 @@ class Client:
         return self._request("POST", path, data=data if data is not None else {})
 
     def lines(self, path: str, **query) -> Iterator[str]:
+        """The lines of a streamed answer; ApiError (status 0) when the connection ends before the
+        answer does (the API went away): that is not the end of a journal."""
         with self._request("GET", path, query=query, stream=True) as resp:
-            for raw in resp:
-                yield raw.decode(errors="replace").rstrip("\n")
+            try:
+                for raw in resp:
+                    yield raw.decode(errors="replace").rstrip("\n")
+            except (OSError, http.client.HTTPException) as e:
+                raise self._cut(e) from None
+            # A chunked answer read to its end has read its last chunk (chunk_left None); one whose
+            # connection ended first stops at a chunk's end (http.client's peek hides the error).
+            if getattr(resp, "chunked", False) and getattr(resp, "chunk_left", None) is not None:
+                raise self._cut(None)
+
+    def _cut(self, error: BaseException | None) -> ApiError:
+        why = f": {error}" if error else ""
+        return ApiError(
+            0, {"error": "unreachable", "message": f"the connection to the nap API at {self.url} ended{why}"}
+        )
 
     def events(self, path: str, last_id: str | None = None) -> Iterator[dict]:
         """Server-sent events of a job or user stream, as dicts with ``id``, ``event`` and ``data``."""

@@ -88,15 +88,18 @@ def watch(client: Client, job_id: str, quiet: bool = False) -> int:
         elif kind == "progress":
             bar.update(data["done"], data["total"], data.get("phase", ""))
         elif kind == "state":
-            if not quiet:
-                bar.line(f"job {job_id}: {data['state']}" + (f" ({data['error']})" if data.get("error") else ""))
+            if not quiet:  # an error's first line: the details (a compiler's output) are in the log above
+                error = (data.get("error") or "").splitlines()
+                bar.line(f"job {job_id}: {data['state']}" + (f" ({error[0]})" if error else ""))
             final = data
     job = client.get(f"/v1/jobs/{job_id}")
     result = job.get("result") or {}
     if job["kind"] == "start_common" and result:
         print(f"running: {result.get('running')}, failed: {result.get('failed')}, seconds: {result.get('seconds')}")
     if job["state"] != "succeeded":
-        print(f"job {job_id} {job['state']}: {job.get('error')}", file=sys.stderr)
+        error = job.get("error") or ""
+        shown = error.splitlines()[0] + " (the details are in the log above)" if not quiet and "\n" in error else error
+        print(f"job {job_id} {job['state']}: {shown}", file=sys.stderr)
         return 1
     return 0 if final is None or final.get("state") == "succeeded" else 1
 

@@ -495,6 +495,11 @@ async def test_instances_survive_agent_sigkill_and_are_adopted(tmp_path):
             int(line.rsplit(" ", 1)[1]) for line in await journal(second, names[0], lines=100_000) if ": tick " in line
         ]
         assert ticks == list(range(len(ticks)))  # output from while it was down: caught up, once each
+        # ... and marked as such, with a time no later than its file's last change, before the adoption
+        lines = await journal(second, names[0], lines=100_000)
+        unwatched = [line for line in lines if "(written while no agent watched: by this time): tick" in line]
+        adopted_at = next(line for line in lines if "adopted pid" in line).split(" ", 1)[0]
+        assert unwatched and all(line.split(" ", 1)[0] <= adopted_at for line in unwatched), lines[-30:]
         assert any("exited while the agent was down" in line for line in await journal(second, names[2]))
 
         # adopted processes are watched too: one that dies now is restarted

@@ -12,6 +12,8 @@ import http.client
 import json
 import os
 import signal
+import subprocess
+import sys
 import time
 
 import pytest
@@ -19,7 +21,7 @@ import pytest
 from nap_orch.cli.client import ApiError
 from tests.support.apps import write_app
 from tests.support.fixtures import LIMITS
-from tests.support.flows import deployed, drop_messages, publish, wait_state
+from tests.support.flows import deployed, drop_messages, publish, start, wait_state
 from tests.support.services import RedisServer
 from tests.support.stack import NapStack
 
@@ -176,3 +178,35 @@ def test_a_client_following_a_job_across_an_api_restart_sees_every_event_once(st
     everything = list(client.events(f"/v1/jobs/{job}/events"))
     assert [e["id"] for e in seen] == [e["id"] for e in everything]
     assert seen[-1]["event"] == "state" and seen[-1]["data"]["state"] == "succeeded"
+
+
+def test_following_a_journal_ends_with_an_error_when_the_api_goes_away(stack, user, file_server, tmp_path):
+    """`nap get_journal -f` exits 0 when the instance stops, and non-zero, saying so, when the API goes
+    away under it (it used to exit 0 silently then, as if the journal had ended)."""
+    name, client = user
+    deployed(stack, client, file_server, tmp_path, SLEEPER, "talk")
+    first, second = (i["name"] for i in start(stack, client, "talk", {}, count=2)["result"]["instances"])
+    env = {**os.environ, "NAP_URL": stack.url, "NAP_TOKEN": client.token}
+
+    def follow(inst: str) -> subprocess.Popen:
+        proc = subprocess.Popen(
+            [sys.executable, "-m", "nap_orch", "get_journal", inst, "-f"],
+            env=env,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            text=True,
+        )
+        assert "nap: started" in proc.stdout.readline()  # following now
+        return proc
+
+    proc = follow(first)
+    client.post(f"/v1/instances/{first}/stop")
+    assert proc.wait(30) == 0, proc.stderr.read()
+    proc = follow(second)
+    stack.kill("api", signal.SIGKILL)
+    try:
+        code = proc.wait(30)
+    finally:
+        stack.start_api()
+    err = proc.stderr.read()
+    assert code != 0 and "the connection to the nap API" in err and "ended" in err, (code, err)

@@ -228,3 +228,17 @@ def test_docker_compose_file_is_valid_and_restarts_every_service():
     assert out.returncode == 0, out.stderr
     services = yaml.safe_load(out.stdout)["services"]
     assert {name: s.get("restart") for name, s in services.items()} == dict.fromkeys(services, "unless-stopped")
+    # every part of the stack, on one host: the agent too, sharing NAP_HOME (apps, instances, its socket)
+    assert set(services) == {"redis", "etcd", "api", "worker", "agent"}
+    for part in ("api", "worker", "agent"):
+        assert services[part]["command"][:2] == ["nap", part]
+        assert services[part]["environment"]["NAP_HOME"] == "/var/lib/nap"
+        mounts = services[part]["volumes"]
+        # short ("nap-home:/var/lib/nap:rw") or long syntax, as docker-compose's version prints it
+        pairs = [m.split(":")[:2] if isinstance(m, str) else [m["source"], m["target"]] for m in mounts]
+        assert ["nap-home", "/var/lib/nap"] in pairs, mounts
+    assert services["agent"]["privileged"] is True  # the sandbox's namespaces and control groups
+    assert set(services["worker"]["depends_on"]) >= {"redis", "etcd", "agent"}
+    assert services["api"]["environment"]["NAP_ADMIN_TOKEN"] == ""  # made on the API's first start
+    dockerfile = (root / "Dockerfile").read_text()
+    assert all(pkg in dockerfile for pkg in ("libopenmpi-dev", "openmpi-bin", "bubblewrap", "util-linux", "git"))

@@ -7,7 +7,7 @@ import time
 import pytest
 
 from nap_orch.cli.client import ApiError
-from tests.support.flows import etcd_prefix, launch, mpi_app, wait_master
+from tests.support.flows import etcd_prefix, launch, mpi_app, run_cli, wait_master
 
 SUM_C = r"""
 #include <mpi.h>
@@ -122,6 +122,20 @@ def test_stop_master_stops_the_whole_run(engine_stack, engine_user, file_server,
     rows = slaves_gone(client, "long", job["result"]["run"])
     assert len(rows) == 2
     assert client.get(f"/v1/instances/{job['result']['master']}")["state"] == "stopped"
+
+
+def test_wait_shows_a_compile_errors_output_once(stack, file_server, tmp_path):
+    """`--wait` streams the compiler's lines as the job's log; the state line, the rollback line and the
+    final error give only the error's first line (the output was shown four times)."""
+    name, client = stack.add_user()
+    files = {"mpi.xml": "from: bad.c\nto: bad\nhosts: 1\n", "bad.c": "int main( { this is not C }\n"}
+    assert mpi_app(stack, client, file_server, tmp_path, "bad", files)["state"] == "succeeded"
+    out = run_cli(stack, client.token, "start_mpi", f"{name}_bad", "--wait")
+    assert out.returncode == 1, out.stderr
+    text = out.stdout + out.stderr
+    compiler = [line for line in text.splitlines() if "bad.c:1" in line]
+    assert compiler and all(line.strip().startswith("mpicc: ") for line in compiler), text
+    assert "compile error (mpicc exited with 1" in out.stderr and "details are in the log above" in out.stderr
 
 
 def test_compile_error_fails_the_job_with_the_compilers_message(engine_stack, engine_user, file_server, tmp_path):

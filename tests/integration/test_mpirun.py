@@ -130,7 +130,7 @@ def test_master_ends_a_launcher_that_outlives_every_rank(run_dir):
             text=True,
             timeout=120,
         )
-        assert "all 2 ranks ended 10 s ago but the launcher did not: ending it" in out.stdout, out.stdout
+        assert "every rank ended 10 s ago but the launcher did not: ending it" in out.stdout, out.stdout
         assert out.returncode == 1  # the failed rank's code
         assert sorted(rank.rank_codes(run_dir / ".nap-mpi")) == [0, 1]
         assert json.loads((run_dir / ".nap-mpi" / "run.json").read_text())["state"] == "failed"

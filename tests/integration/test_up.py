@@ -184,3 +184,46 @@ def test_nap_up_restarts_a_part_that_dies_and_goes_on_serving(tmp_path):
         code = proc.wait(60)
     assert code == 0
     assert _parts(home) == []  # no part, and nothing a killed part left behind
+
+
+def test_an_api_without_an_admin_token_makes_one_on_its_first_start(tmp_path, redis_server):
+    """As docker-compose runs it: no NAP_ADMIN_TOKEN, so the first start makes the admin's token, keeps
+    it in NAP_HOME/admin.token (0600) and prints it; the next start uses the same."""
+    home = tmp_path / "home"
+    env = {k: v for k, v in os.environ.items() if not k.startswith("NAP_")}
+    env.update(NAP_HOME=str(home), NAP_REDIS_URL=redis_server.url, NAP_NAMESPACE="t" + os.urandom(4).hex())
+    tokens = []
+    for _ in range(2):
+        port = free_port()
+        log = tmp_path / f"api-{port}.log"
+        with log.open("w") as out:
+            proc = subprocess.Popen(
+                [sys.executable, "-m", "nap_orch", "api", "--port", str(port)],
+                env=env,
+                stdout=out,
+                stderr=subprocess.STDOUT,
+                start_new_session=True,
+            )
+        try:
+            deadline = time.monotonic() + 30
+            while True:
+                try:
+                    with urllib.request.urlopen(f"http://127.0.0.1:{port}/health", timeout=1):
+                        break
+                except OSError:
+                    assert time.monotonic() < deadline and proc.poll() is None, log.read_text()
+                    time.sleep(0.1)
+            token = (home / "admin.token").read_text().strip()
+            assert oct((home / "admin.token").stat().st_mode & 0o777) == "0o600"
+            req = urllib.request.Request(
+                f"http://127.0.0.1:{port}/v1/whoami", headers={"Authorization": f"Bearer {token}"}
+            )
+            with urllib.request.urlopen(req, timeout=10) as resp:
+                assert json.loads(resp.read()) == {"name": "admin", "admin": True}
+            tokens.append(token)
+            printed = f"NAP_TOKEN={token}" in log.read_text()
+            assert printed == (len(tokens) == 1)  # printed when made, not at every start
+        finally:
+            proc.send_signal(signal.SIGTERM)
+            proc.wait(30)
+    assert tokens[0] == tokens[1]

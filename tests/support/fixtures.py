@@ -105,7 +105,7 @@ LIMITS = {
     "NAP_REAP_GRACE": "3",
     # Quotas out of the way of the launches of thousands (test_quotas.py sets users' own).
     "NAP_QUOTA_INSTANCES": "100000",
-    "NAP_QUOTA_MEMORY": "100t",
+    "NAP_QUOTA_MEMORY": "100000t",
     # The file servers the tests deploy from listen on loopback, which the fetch policy refuses.
     "NAP_FETCH_ALLOW": "127.0.0.0/8",
 }

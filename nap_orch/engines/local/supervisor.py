@@ -22,7 +22,9 @@ A restarted agent (also after SIGKILL) adopts the processes that are still alive
 time), learns of their exit through a pidfd, and starts again those that died while it was away.
 
 Journal lines: ``2025-11-26T04:12:33.123Z stdout[4242]: text`` (``stderr[...]`` for stderr, and
-``nap: ...`` for the agent's own events). Lines read late (the agent was down) carry the catch-up time.
+``nap: ...`` for the agent's own events). Lines written while no agent watched (read at a recovery)
+carry their file's last modification time, the latest they can have been written, and the mark
+``stdout[4242] (written while no agent watched: by this time): text``.
 
 Every instance runs sandboxed (``sandbox.py``) as its unit's ``User=``, in a control group of its own
 (``cgroups.py``) that holds its ``MemoryMax=`` and ``TasksMax=`` over its whole process tree: stopping
@@ -69,6 +71,7 @@ JOURNAL_MAX = 8 * 1024 * 1024  # a journal this long moves to <name>.log.1 (one 
 READ_CHUNK = 1024 * 1024
 DRAIN_DELAY = 0.05  # batch the drains that file writes trigger
 SWEEP_INTERVAL = 1.0  # also look at every running instance's output this often, and poll liveness
+UNWATCHED = " (written while no agent watched: by this time)"  # how such journal lines are marked
 SLICE = 0.01  # a batch's synchronous work lets other requests in after this many seconds of it
 
 
@@ -316,14 +319,14 @@ class Supervisor:
     def _recover_one(self, inst: Instance) -> None:
         record = inst.record
         if record.pid and is_alive(record.pid, record.starttime):
-            self._drain(inst)  # what it wrote while no agent watched, before the adoption's event
+            self._drain(inst, unwatched=True)  # what it wrote while no agent watched, before the adoption's event
             self._adopt(inst)
             if record.desired == STOPPED:  # the previous agent died while stopping it
                 inst.stop_task = asyncio.create_task(self._stop(inst))
             return
         if record.pid:
             # It died while no agent watched: its exit code is gone with it.
-            self._drain(inst, final=True)
+            self._drain(inst, final=True, unwatched=True)
             record.pid = record.starttime = None
             if record.desired == STOPPED:
                 self._set(inst, STOPPED, "stopped")
@@ -639,16 +642,22 @@ class Supervisor:
         for q in inst.followers:
             q.put_nowait(lines)
 
-    def _drain(self, inst: Instance, final: bool = False) -> None:
-        """Journal what the instance wrote since the last look (``final``: its partial last line too)."""
+    def _drain(self, inst: Instance, final: bool = False, unwatched: bool = False) -> None:
+        """Journal what the instance wrote since the last look (``final``: its partial last line too).
+        ``unwatched``: written while no agent watched (a recovery's first look), so its lines' time is
+        not known: they get the file's last modification time, the latest they can have been written,
+        and say so."""
         paths = inst.paths
         now = timestamp(time.time())
         for stream, key in (("stdout", "out"), ("stderr", "err")):
             off = inst.out_off if key == "out" else inst.err_off
             try:
-                size = os.stat(paths[key]).st_size
+                st = os.stat(paths[key])
             except FileNotFoundError:
                 continue
+            size = st.st_size
+            when = f"{timestamp(min(st.st_mtime, time.time()))} " if unwatched else f"{now} "
+            mark = UNWATCHED if unwatched else ""
             if size < off:
                 off = 0  # truncated under us
             start = off
@@ -664,7 +673,7 @@ class Supervisor:
                 elif end < 0 and not final and len(data) < LINE_MAX:
                     break  # a partial line: wait for the rest
                 off += len(data)
-                prefix = f"{now} {stream}[{inst.output_pid}]: "
+                prefix = f"{when}{stream}[{inst.output_pid}]{mark}: "
                 lines = []
                 for raw in data.split(b"\n")[: -1 if data.endswith(b"\n") else None]:
                     for i in range(0, max(len(raw), 1), LINE_MAX):

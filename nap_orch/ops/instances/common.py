@@ -19,7 +19,7 @@ from ...errors import AppError, BadRequest, EngineError, Exhausted, QuotaExceede
 from ...store.base import Store
 from .. import apps, profile, quotas, tenants
 from ..context import Context
-from .launch import instance_dir, reserve_numbers, wait_settled, write_copy
+from .launch import first_line, instance_dir, reserve_numbers, wait_settled, write_copy
 
 SUBMIT_BATCH = 250  # units per engine call: progress stays visible, requests stay small
 
@@ -173,7 +173,7 @@ async def start_common(
             await ctx.progress(len(submitted), len(slots) * 2, phase="submitted")
         states = await wait_settled(ctx, [s.name for s in slots], len(slots))
     except BaseException as e:  # a failure, a cancel or a worker shutdown: leave nothing half-started
-        await ctx.log(f"rolling back: {getattr(e, 'message', None) or type(e).__name__}")
+        await ctx.log(f"rolling back: {first_line(e)}")
         await rollback(ctx, user, app, slots, submitted, host, ports)
         raise
     running = [s for s in slots if states[s.name].state == RUNNING]

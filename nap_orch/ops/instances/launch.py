@@ -25,6 +25,13 @@ from ..context import Context
 SETTLED = ENDED | {RUNNING}
 
 
+def first_line(error: BaseException) -> str:
+    """What a log line says of the error that stops a launch: its message's first line (a compile
+    error's compiler output is in the job's log already, and in its error once)."""
+    message = getattr(error, "message", None) or type(error).__name__
+    return message.splitlines()[0] if message.strip() else message
+
+
 def instance_dir(settings: Settings, user: str, app: str, n: int | str) -> Path:
     return settings.apps_dir / user / f"{user}_{app}_{n}"
 

@@ -27,7 +27,7 @@ from ...errors import AppError, BadRequest, QuotaExceeded
 from ...names import InstanceName, Kind
 from .. import apps, profile, quotas, tenants
 from ..context import Context, Resources
-from .launch import instance_dir, reserve_numbers, wait_settled, write_copy
+from .launch import first_line, instance_dir, reserve_numbers, wait_settled, write_copy
 
 
 def inside(folder: Path, relative: str, what: str) -> Path:
@@ -203,7 +203,7 @@ async def start_mpi(ctx: Context, user: str, app: str, params: dict[str, Any]) -
         states = await wait_settled(ctx, names, len(names))
         slaves = await publish_slaves(ctx, user, app, run, hosts, folder)
     except BaseException as e:
-        await ctx.log(f"rolling back run {run}: {getattr(e, 'message', None) or type(e).__name__}")
+        await ctx.log(f"rolling back run {run}: {first_line(e)}")
         if names:
             await engine.remove(names)
         await asyncio.to_thread(shutil.rmtree, folder, True)
