@@ -43,11 +43,11 @@ def drain_deploys(stack: NapStack, clients: list, url: str, n: int, tag: str) ->
     return time.monotonic() - t0
 
 
-def drain_noops(redis_url: str, n: int) -> float:
+def drain_noops(redis_url: str, n: int, threads: int) -> float:
     env = {**os.environ, "BENCH_REDIS_URL": redis_url}
     root = Path(__file__).resolve().parent
     worker = subprocess.Popen(
-        [sys.executable, "-m", "dramatiq", "noop_actor", "--processes", "1", "--threads", "8"],
+        [sys.executable, "-m", "dramatiq", "noop_actor", "--processes", "1", "--threads", str(threads)],
         cwd=root,
         env=env,
         stdout=subprocess.DEVNULL,
@@ -82,6 +82,7 @@ def main() -> None:
     ap.add_argument("--deploys", type=int, default=400)
     ap.add_argument("--users", type=int, default=20)
     ap.add_argument("--rounds", type=int, default=3)
+    ap.add_argument("--threads", type=int, default=8, help="the worker's threads (nap's and the baseline's)")
     args = ap.parse_args()
     with tempfile.TemporaryDirectory(prefix="nap-bench-drain-") as tmp:
         root = Path(tmp)
@@ -95,16 +96,19 @@ def main() -> None:
             redis.url,
             etcd.endpoint,
             extra_env={"NAP_FETCH_ALLOW": "127.0.0.1", "NAP_USER_RATE": "1000", "NAP_USER_BURST": "1000"},
-        ).start()
+        )
+        stack.start_agent()
+        stack.start_worker(threads=args.threads)
+        stack.start_api()
         try:
             clients = [stack.add_user()[1] for _ in range(args.users)]
             tar_gz(write_app(root / "src", {"profile": "command: sleep 1000\n"}), www.root / "app.tgz")
             url = f"{www.url}/app.tgz"
-            print(f"{args.deploys} deploys by {args.users} users; one worker process of 8 threads")
+            print(f"{args.deploys} deploys by {args.users} users; one worker process of {args.threads} threads")
             print("round  deploys/s (s)        no-op messages/s (s)   ratio")
             for r in range(1, args.rounds + 1):
                 took = drain_deploys(stack, clients, url, args.deploys, f"r{r}a")
-                base = drain_noops(redis.url, args.deploys)
+                base = drain_noops(redis.url, args.deploys, args.threads)
                 print(
                     f"{r:5d}  {args.deploys / took:7.1f} ({took:5.2f})   {args.deploys / base:9.1f} ({base:5.2f})"
                     f"   {took / base:5.1f}",
