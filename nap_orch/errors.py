@@ -52,26 +52,26 @@ class PayloadTooLarge(NapError):
     code = "too_large"
 
 
-class TooManyRequests(NapError):
-    """A per-user limit (request rate, event streams, jobs in flight): try again after ``retry_after`` s."""
+class RetryLater(NapError):
+    """A refusal that passes: the API answers it with ``Retry-After: <retry_after>``."""
+
+    def __init__(self, message: str, retry_after: float = 1.0):
+        super().__init__(message)
+        self.retry_after = retry_after
+
+
+class TooManyRequests(RetryLater):
+    """A per-user limit (request rate, event streams)."""
 
     status = 429
     code = "too_many_requests"
 
-    def __init__(self, message: str, retry_after: float = 1.0):
-        super().__init__(message)
-        self.retry_after = retry_after
 
-
-class Busy(NapError):
-    """The server is at a limit of its own (connections, streams): try again after ``retry_after`` s."""
+class Busy(RetryLater):
+    """The server is at a limit of its own (event streams)."""
 
     status = 503
     code = "unavailable"
-
-    def __init__(self, message: str, retry_after: float = 1.0):
-        super().__init__(message)
-        self.retry_after = retry_after
 
 
 class FetchError(NapError):

@@ -15,7 +15,7 @@ from typing import Any
 
 from aiohttp import web
 
-from .errors import BadRequest, NapError, PayloadTooLarge
+from .errors import BadRequest, NapError, PayloadTooLarge, RetryLater
 
 log = logging.getLogger("nap.http")
 
@@ -31,8 +31,7 @@ def error_middleware(unavailable: tuple[type[BaseException], ...] = (ConnectionE
         try:
             return await handler(request)
         except NapError as e:
-            retry = getattr(e, "retry_after", None)
-            headers = {"Retry-After": str(max(1, math.ceil(retry)))} if retry is not None else None
+            headers = {"Retry-After": str(max(1, math.ceil(e.retry_after)))} if isinstance(e, RetryLater) else None
             return web.json_response(e.to_json(), status=e.status, headers=headers)
         except web.HTTPException as e:
             if e.status >= 400 and e.content_type != "application/json":

@@ -42,7 +42,15 @@ def make_app(settings: Settings) -> web.Application:
         streams = _pool(settings.redis_url, settings.sse_max, 1.0)
         rt = Runtime(settings, JobStore(aioredis.Redis(connection_pool=requests), settings.namespace))
         await rt.open()
-        admin_token = settings.admin_token or first_admin_token(settings.home)
+        admin_token = settings.admin_token
+        if not admin_token:
+            admin_token, made = first_admin_token(settings.home)
+            if made:  # shown once, in the log of the start that made it (docker-compose logs api)
+                log.warning(
+                    "no NAP_ADMIN_TOKEN: made the admin's token, kept in %s/admin.token: NAP_TOKEN=%s",
+                    settings.home,
+                    admin_token,
+                )
         users = Users(rt.jobs.redis, settings.namespace, admin_token, TokenCache(ttl=settings.token_cache_ttl))
         await users.bootstrap()
         broker = make_broker(settings)
@@ -77,25 +85,24 @@ def make_app(settings: Settings) -> web.Application:
     return app
 
 
-def first_admin_token(home: Path) -> str:
-    """With no ``NAP_ADMIN_TOKEN`` set, the admin's token kept in ``NAP_HOME/admin.token`` (mode 0600),
-    made on the first start and printed to the log then (as ``docker-compose up`` shows it); without
-    an admin token nobody could add users."""
+def first_admin_token(home: Path) -> tuple[str, bool]:
+    """The admin's token kept in ``NAP_HOME/admin.token`` (mode 0600), made on the first start (then
+    True): where no ``NAP_ADMIN_TOKEN`` is set (``nap up``, ``docker-compose up``), without it nobody
+    could add users."""
     path = home / "admin.token"
     try:
-        return path.read_text().strip()
+        return path.read_text().strip(), False
     except FileNotFoundError:
         pass
     token = "nap_admin_" + secrets.token_urlsafe(24)
     home.mkdir(parents=True, exist_ok=True)
     try:
         fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
-    except FileExistsError:  # another API process made it first
-        return path.read_text().strip()
+    except FileExistsError:  # another process made it first
+        return path.read_text().strip(), False
     with os.fdopen(fd, "w") as f:
         f.write(token + "\n")
-    log.warning("no NAP_ADMIN_TOKEN: made the admin's token, kept in %s: NAP_TOKEN=%s", path, token)
-    return token
+    return token, True
 
 
 def _pool(url: str, size: int, wait: float) -> aioredis.BlockingConnectionPool:

@@ -29,6 +29,7 @@ import urllib.request
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from ..api.app import first_admin_token
 from ..config import PLATFORM_ENV, Settings
 from ..store.etcd import enable_auth
 
@@ -259,11 +260,7 @@ def up(settings: Settings, args) -> int:
             password = secret(home, "etcd")
             asyncio.run(enable_auth(f"127.0.0.1:{cport}", password))
             private["NAP_ETCD"] = f"root:{password}@127.0.0.1:{cport}"
-        token_file = home / "admin.token"
-        token = os.environ.get("NAP_ADMIN_TOKEN") or (token_file.read_text().strip() if token_file.exists() else "")
-        if not token:
-            token = "nap_admin_" + secrets.token_urlsafe(24)
-            write_private(token_file, token)
+        token = os.environ.get("NAP_ADMIN_TOKEN") or first_admin_token(home)[0]
         private["NAP_ADMIN_TOKEN"] = token
         for key in private:
             env.pop(key, None)

@@ -15,11 +15,9 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import json
-import os
 import time
 from collections.abc import AsyncIterator
 from dataclasses import asdict, dataclass, replace
-from pathlib import Path
 from typing import Any
 
 from .. import keys
@@ -28,6 +26,7 @@ from ..errors import BadRequest, QuotaExceeded
 from ..store.base import Store
 from . import profile
 from .apps import app_path
+from .sizes import tree_bytes
 
 FIELDS = ("instances", "apps", "disk", "memory")
 SIZES = ("disk", "memory")
@@ -120,29 +119,12 @@ async def usage(store: Store, settings: Settings, user: str) -> Amounts:
         memory += units * each
     apps = len(await store.get_prefix(keys.URLS_OF_USER.format(user=user)))
     disk = await asyncio.to_thread(
-        lambda: disk_used(settings.services_dir / user) + disk_used(settings.apps_dir / user)
+        lambda: (
+            tree_bytes(settings.services_dir / user, allocated=True)
+            + tree_bytes(settings.apps_dir / user, allocated=True)
+        )
     )
     return Amounts(instances=instances, apps=apps, disk=disk, memory=memory)
-
-
-def disk_used(folder: Path) -> int:
-    """Bytes the files under ``folder`` take on disk (as ``du``: blocks, links not followed)."""
-    total = 0
-    stack = [str(folder)]
-    while stack:
-        try:
-            with os.scandir(stack.pop()) as entries:
-                for entry in entries:
-                    try:
-                        st = entry.stat(follow_symlinks=False)
-                    except OSError:
-                        continue
-                    total += st.st_blocks * 512
-                    if entry.is_dir(follow_symlinks=False):
-                        stack.append(entry.path)
-        except OSError:
-            continue
-    return total
 
 
 def check(limit: Amounts, used: Amounts, adding: Amounts) -> None:
@@ -223,7 +205,7 @@ async def held(store: Store, user: str, owner: str, wait: float = 60.0) -> Async
 async def app_size(settings: Settings, user: str, app: str) -> int:
     """The disk an app's deployed version takes (0 when it is not deployed)."""
     path = app_path(settings, user, app)
-    return await asyncio.to_thread(lambda: disk_used(path.resolve()) if path.is_dir() else 0)
+    return await asyncio.to_thread(lambda: tree_bytes(path.resolve(), allocated=True) if path.is_dir() else 0)
 
 
 def _shown(name: str, value: int) -> str:

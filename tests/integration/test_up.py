@@ -15,18 +15,22 @@ from tests.support.services import free_port
 from tests.support.stack import passable
 
 
-def test_nap_up_serves_the_api_and_stops_with_everything_it_started(tmp_path):
-    port = free_port()
-    env = {k: v for k, v in os.environ.items() if not k.startswith("NAP_")}
-    env["NAP_HOME"] = str(tmp_path / "home")
-    proc = subprocess.Popen(
+def nap_up(home, port: int, **env: str) -> subprocess.Popen:
+    """``nap up`` on ``home``, in an environment without the caller's NAP_* settings (but ``env``)."""
+    clean = {k: v for k, v in os.environ.items() if not k.startswith("NAP_")}
+    return subprocess.Popen(
         [sys.executable, "-m", "nap_orch", "up", "--port", str(port)],
-        env=env,
+        env={**clean, "NAP_HOME": str(home), **env},
         stdout=subprocess.PIPE,
         stderr=subprocess.STDOUT,
         text=True,
         start_new_session=True,
     )
+
+
+def test_nap_up_serves_the_api_and_stops_with_everything_it_started(tmp_path):
+    port = free_port()
+    proc = nap_up(tmp_path / "home", port)
     try:
         lines = []
         deadline = time.monotonic() + 90
@@ -101,19 +105,8 @@ def test_nap_up_restarts_a_part_that_dies_and_goes_on_serving(tmp_path):
     home = tmp_path / "home"
     home.mkdir()
     passable(home)  # the sandbox reaches instance folders as the tenant's uid
-    env = {k: v for k, v in os.environ.items() if not k.startswith("NAP_")}
-    env["NAP_HOME"] = str(home)
     # It deploys a folder of this test's own: local sources are off in nap up unless asked for.
-    env["NAP_ALLOW_LOCAL_SOURCES"] = "1"
-    env["NAP_LOCAL_SOURCES_DIR"] = str(tmp_path)
-    proc = subprocess.Popen(
-        [sys.executable, "-m", "nap_orch", "up", "--port", str(port)],
-        env=env,
-        stdout=subprocess.PIPE,
-        stderr=subprocess.STDOUT,
-        text=True,
-        start_new_session=True,
-    )
+    proc = nap_up(home, port, NAP_ALLOW_LOCAL_SOURCES="1", NAP_LOCAL_SOURCES_DIR=str(tmp_path))
 
     def read_until(prefix: str, timeout: float = 90) -> str:
         lines = []

@@ -29,6 +29,7 @@ from urllib.parse import urlsplit, urlunsplit
 
 from ...config import Settings
 from ...errors import FetchError
+from ..sizes import tree_bytes
 from .archive import copy_folder
 from .common import GIT_REMOTE_PROTOCOLS, Check, Log, in_thread, redact, retrieve, shown, watch
 from .policy import Refused, resolve, spelling_refusal
@@ -164,7 +165,7 @@ async def git_clone(
         nonlocal next_guard, size
         if time.monotonic() < next_guard:
             return
-        if (now := await asyncio.to_thread(disk_usage, target)) > limit:
+        if (now := await asyncio.to_thread(tree_bytes, target)) > limit:
             raise FetchError(f"the repository exceeds the limit of {limit} bytes")
         if now != size:
             size = now
@@ -253,21 +254,3 @@ async def git_head(clone: Path) -> str:
     if process.returncode != 0:
         raise FetchError("the repository has no commits")
     return out.decode().strip()
-
-
-def disk_usage(folder: Path) -> int:
-    """Bytes under ``folder``, tolerating files that vanish meanwhile (git renames its temp files)."""
-    total = 0
-    pending = [str(folder)]
-    while pending:
-        try:
-            with os.scandir(pending.pop()) as listing:
-                for entry in listing:
-                    with suppress(OSError):
-                        if entry.is_dir(follow_symlinks=False):
-                            pending.append(entry.path)
-                        else:
-                            total += entry.stat(follow_symlinks=False).st_size
-        except OSError:
-            continue
-    return total
