@@ -11,14 +11,15 @@ from urllib.parse import urlparse
 from aiohttp import web
 
 from ..config import Settings
-from ..errors import AppError, BadRequest, Forbidden, NotFound
+from ..errors import AppError, BadRequest, Conflict, Forbidden, NotFound
 from ..http import json_object, json_type
 from ..jobs.broker import queued
 from ..jobs.records import JobState
 from ..names import InstanceName, check_name, control_character, split_service
 from ..ops import apps, profile, quotas
 from ..ops.fetch import check_url
-from ..ops.instances import manage
+from ..ops.instances import lifecycle, manage
+from ..ops.instances.logs import app_logs
 from .context import RUNTIME, SETTINGS, USERS, caller
 from .sse import job_events, user_events
 
@@ -353,21 +354,109 @@ async def start_app(request: web.Request) -> web.Response:
     return web.json_response(await manage.start_instance(request.app[RUNTIME], inst))
 
 
-async def get_journal(request: web.Request) -> web.StreamResponse:
-    inst = await instance_of(request)
-    rt = request.app[RUNTIME]
+MAX_LINES = 100_000  # of a journal or an app's logs, in one answer
+
+
+def _lines_query(request: web.Request) -> tuple[int, bool]:
+    """``?lines=N`` (0 to ``MAX_LINES``, default 100) and ``?follow=1``."""
     try:
         lines = int(request.query.get("lines", "100"))
     except ValueError:
         raise BadRequest("lines must be a whole number") from None
-    follow = request.query.get("follow", "") in ("1", "true", "yes")
-    await manage.require_instance(rt, inst)
+    if not 0 <= lines <= MAX_LINES:
+        raise BadRequest(f"lines must be from 0 to {MAX_LINES}")
+    return lines, request.query.get("follow", "") in ("1", "true", "yes")
+
+
+async def _stream_lines(request: web.Request, lines) -> web.StreamResponse:
     resp = web.StreamResponse(headers={"Content-Type": "text/plain; charset=utf-8"})
     await resp.prepare(request)
-    async for line in rt.engine.journal(inst.name, lines=lines, follow=follow):
+    async for line in lines:
         await resp.write((line.rstrip("\n") + "\n").encode())
     await resp.write_eof()
     return resp
+
+
+async def get_journal(request: web.Request) -> web.StreamResponse:
+    inst = await instance_of(request)
+    rt = request.app[RUNTIME]
+    lines, follow = _lines_query(request)
+    await manage.require_instance(rt, inst)
+    return await _stream_lines(request, rt.engine.journal(inst.name, lines=lines, follow=follow))
+
+
+async def get_app_logs(request: web.Request) -> web.StreamResponse:
+    user, app = await app_of(request)
+    lines, follow = _lines_query(request)
+    apps.require_app(request.app[SETTINGS], user, app)
+    return await _stream_lines(request, app_logs(request.app[RUNTIME], user, app, lines, follow))
+
+
+# -- lifecycle -------------------------------------------------------------------------------------
+async def remove_app(request: web.Request) -> web.Response:
+    inst = await instance_of(request)
+    rt = request.app[RUNTIME]
+    return web.json_response(await lifecycle.remove_instance(rt, rt.jobs.active_among, inst))
+
+
+async def restart_app(request: web.Request) -> web.Response:
+    inst = await instance_of(request)
+    return web.json_response(await lifecycle.restart_instance(request.app[RUNTIME], inst))
+
+
+async def _app_job(request: web.Request, action: str) -> web.Response:
+    user, app = await app_of(request)
+    apps.require_app(request.app[SETTINGS], user, app)
+    return await enqueue(request, "app_action", user, {"user": user, "app": app, "action": action})
+
+
+async def stop_all(request: web.Request) -> web.Response:
+    return await _app_job(request, "stop")
+
+
+async def start_all(request: web.Request) -> web.Response:
+    return await _app_job(request, "start")
+
+
+async def restart_all(request: web.Request) -> web.Response:
+    return await _app_job(request, "restart")
+
+
+async def remove_all(request: web.Request) -> web.Response:
+    return await _app_job(request, "remove")
+
+
+async def scale_app(request: web.Request) -> web.Response:
+    user, app = await app_of(request)
+    settings = request.app[SETTINGS]
+    data = await json_object(request, "count")
+    count = data.get("count")
+    if not isinstance(count, int) or isinstance(count, bool) or not 0 <= count <= settings.max_count:
+        raise BadRequest(f"count must be a whole number from 0 to {settings.max_count}")
+    spec = apps.spec(settings, user, app)
+    if spec.kind != "common":
+        raise BadRequest(f"app {app!r} is an MPI app: scale takes common apps (start_mpi starts a run)")
+    _valid(spec)
+    params = _launch_values(_launch_params(data), spec) if ("params" in data or "para_str" in data) else None
+    rows = await lifecycle.common_instances(request.app[RUNTIME], user, app)
+    more = count - sum(1 for _, st in rows if st.state in lifecycle.LIVE)
+    if more > 0:
+        await _within_quota(request, user, app, spec, units=more, copies=more)
+    return await enqueue(request, "scale", user, {"user": user, "app": app, "count": count, "params": params})
+
+
+async def destroy_app(request: web.Request) -> web.Response:
+    user, app = await app_of(request)
+    rt = request.app[RUNTIME]
+    apps.require_app(request.app[SETTINGS], user, app)
+    force = request.query.get("force", "") in ("1", "true", "yes")
+    for job in await rt.jobs.active_of(user):
+        if job.args.get("app") == app:
+            raise Conflict(f"app {app!r} has a {job.kind} job {job.state}: {job.id}; wait for it or cancel it")
+    held = set(await lifecycle.members(rt, user, app)) | set(await lifecycle.held_numbers(rt, user, app))
+    if held and not force:
+        raise Conflict(f"app {app!r} has {len(held)} instance(s): remove them first, or destroy with force")
+    return await enqueue(request, "destroy", user, {"user": user, "app": app, "force": force})
 
 
 # -- jobs and events -------------------------------------------------------------------------------
@@ -412,6 +501,13 @@ def routes() -> list[web.RouteDef]:
         web.post("/v1/apps", deploy_app),
         web.get("/v1/apps", list_services),
         web.get("/v1/apps/{app}", get_app),
+        web.delete("/v1/apps/{app}", destroy_app),
+        web.put("/v1/apps/{app}/scale", scale_app),
+        web.post("/v1/apps/{app}/stop", stop_all),
+        web.post("/v1/apps/{app}/start", start_all),
+        web.post("/v1/apps/{app}/restart", restart_all),
+        web.delete("/v1/apps/{app}/instances", remove_all),
+        web.get("/v1/apps/{app}/logs", get_app_logs),
         web.get("/v1/apps/{app}/url", get_service_url),
         web.get("/v1/apps/{app}/parameters", get_parameters),
         web.get("/v1/apps/{app}/profile", cat_app),
@@ -426,6 +522,8 @@ def routes() -> list[web.RouteDef]:
         web.get("/v1/instances/{name}/unit", instance_unit),
         web.post("/v1/instances/{name}/stop", stop_app),
         web.post("/v1/instances/{name}/start", start_app),
+        web.post("/v1/instances/{name}/restart", restart_app),
+        web.delete("/v1/instances/{name}", remove_app),
         web.get("/v1/jobs", list_jobs),
         web.get("/v1/jobs/{id}", get_job),
         web.post("/v1/jobs/{id}/cancel", cancel_job),

@@ -68,6 +68,12 @@ class Client:
     def post(self, path: str, data=None):
         return self._request("POST", path, data=data if data is not None else {})
 
+    def put(self, path: str, data=None):
+        return self._request("PUT", path, data=data if data is not None else {})
+
+    def delete(self, path: str, **query):
+        return self._request("DELETE", path, query=query)
+
     def lines(self, path: str, **query) -> Iterator[str]:
         """The lines of a streamed answer; ApiError (status 0) when the connection ends before the
         answer does (the API went away): that is not the end of a journal."""

@@ -48,6 +48,17 @@ def _count(text: str) -> int:
     return n
 
 
+def _scale_count(text: str) -> int:
+    """scale's N: a whole number of at least 0 (0 removes every live instance)."""
+    try:
+        n = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"must be a whole number, not {text!r}") from None
+    if n < 0:
+        raise argparse.ArgumentTypeError(f"must be 0 or more, not {n}")
+    return n
+
+
 def _split_pairs(text: str) -> list[str]:
     # "a=1,b=2" -> ["a=1", "b=2"]; a comma inside a value is kept when not followed by "name=".
     return re.split(r",(?=[A-Za-z_][A-Za-z0-9_-]*=)", text)
@@ -96,6 +107,13 @@ def watch(client: Client, job_id: str, quiet: bool = False) -> int:
     result = job.get("result") or {}
     if job["kind"] == "start_common" and result:
         print(f"running: {result.get('running')}, failed: {result.get('failed')}, seconds: {result.get('seconds')}")
+    elif job["kind"] == "scale" and result:
+        print(
+            f"{result['app']}: {result['was']} -> {result['count']} live; removed {len(result['removed'])}, "
+            f"started {result['started']}, failed {result['failed']}"
+        )
+    elif job["kind"] == "app_action" and result:
+        print(f"{result['action']}: {result['done']} done, {len(result['failed'])} not")
     if job["state"] != "succeeded":
         error = job.get("error") or ""
         shown = error.splitlines()[0] + " (the details are in the log above)" if not quiet and "\n" in error else error
@@ -153,9 +171,41 @@ def cmd_remote(args) -> int:
             f"/v1/instances/{args.instance}/journal", lines=args.lines, follow=1 if args.follow else None
         ):
             print(line, flush=True)
-    elif op in ("stop_app", "start_app"):
+    elif op in ("stop_app", "start_app", "restart_app") and args.all:
+        return _submitted(args, c, c.post(f"/v1/apps/{args.instance}/{op.split('_')[0]}"))
+    elif op in ("stop_app", "start_app", "restart_app"):
         r = c.post(f"/v1/instances/{args.instance}/{op.split('_')[0]}")
         _out(args, r, f"{r['name']}: {r['state']}")
+    elif op == "remove_app" and args.all:
+        if len(args.instances) != 1:
+            print("error: remove_app --all takes one app (username_appname or appname)", file=sys.stderr)
+            return 2
+        return _submitted(args, c, c.delete(f"/v1/apps/{args.instances[0]}/instances"))
+    elif op == "remove_app":
+        code = 0
+        for name in args.instances:
+            try:
+                r = c.delete(f"/v1/instances/{name}")
+            except ApiError as e:
+                print(f"error: {e.body.get('message') or e.body}", file=sys.stderr)
+                code = 1
+                continue
+            _out(
+                args,
+                r,
+                f"{r['instance']}: removed" + (f" ({', '.join(r['removed'])})" if len(r["removed"]) > 1 else ""),
+            )
+        return code
+    elif op == "destroy_app":
+        return _submitted(args, c, c.delete(f"/v1/apps/{args.service}", force=1 if args.force else None))
+    elif op == "scale":
+        body: dict = {"count": args.count}
+        if args.params:
+            body["params"] = _params(args.params)
+        return _submitted(args, c, c.put(f"/v1/apps/{args.service}/scale", body))
+    elif op == "logs":
+        for line in c.lines(f"/v1/apps/{args.service}/logs", lines=args.lines, follow=1 if args.follow else None):
+            print(line, flush=True)
     elif op == "start_common":
         body = {"params": _params(args.params)}
         if args.count is not None:
@@ -283,8 +333,32 @@ def parser() -> argparse.ArgumentParser:
     s.add_argument("instance")
     s.add_argument("-n", "--lines", type=int, default=100)
     s.add_argument("-f", "--follow", action="store_true")
-    op("stop_app", "stop an instance").add_argument("instance")
-    op("start_app", "start a stopped instance again").add_argument("instance")
+    for name, what in (
+        ("stop_app", "stop an instance (--all: every instance of an app, a job)"),
+        ("start_app", "start a stopped instance again (--all: every stopped one of an app, a job)"),
+        ("restart_app", "stop and start an instance (--all: every instance of an app, a job)"),
+    ):
+        s = op(name, what)
+        s.add_argument("instance", help="an instance; with --all, an app")
+        s.add_argument("--all", action="store_true", help="every instance of the app named")
+        s.add_argument("--wait", action="store_true", help="with --all: follow the job until it ends")
+    s = op("remove_app", "remove instances: stopped, then their folders, ports and numbers released")
+    s.add_argument("instances", nargs="+", metavar="instance")
+    s.add_argument("--all", action="store_true", help="every instance of the app named (a job)")
+    s.add_argument("--wait", action="store_true", help="with --all: follow the job until it ends")
+    s = op("destroy_app", "remove an app whole: its instances (with --force), versions, URL (a job)")
+    s.add_argument("service")
+    s.add_argument("--force", action="store_true", help="remove its instances too")
+    s.add_argument("--wait", action="store_true")
+    s = op("scale", "start or remove instances until N of an app's run (a job)")
+    s.add_argument("service")
+    s.add_argument("count", type=_scale_count)
+    s.add_argument("params", nargs="*", help="for new instances (default: those of the last one)")
+    s.add_argument("--wait", action="store_true")
+    s = op("logs", "every instance's journal of an app, merged in time order")
+    s.add_argument("service")
+    s.add_argument("-n", "--lines", type=int, default=100)
+    s.add_argument("-f", "--follow", action="store_true")
     for name, what in (
         ("start_common", "start instances of an app (a job)"),
         ("start_mpi", "start an MPI run (a job)"),

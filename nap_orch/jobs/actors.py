@@ -10,10 +10,11 @@ import dramatiq
 
 from ..config import Settings
 from ..ops.deploy import deploy_app
+from ..ops.instances import lifecycle
 from ..ops.instances.common import start_common as start_common_app
 from ..ops.instances.mpi import start_mpi as start_mpi_app
 from .broker import POLICIES, actor_options, setup
-from .runner import Runtime, run_job
+from .runner import JobContext, Runtime, run_job
 
 settings = Settings.from_env()
 broker = setup(settings)
@@ -41,3 +42,27 @@ async def start_common(job_id: str) -> None:
 @dramatiq.actor(**actor_options("start_mpi"))
 async def start_mpi(job_id: str) -> None:
     await run_job(runtime(), job_id, start_mpi_app, POLICIES["start_mpi"].max_attempts)
+
+
+@dramatiq.actor(**actor_options("app_action"))
+async def app_action(job_id: str) -> None:
+    async def fn(ctx: JobContext, **args) -> dict:
+        return await lifecycle.app_action(ctx, active=ctx.rt.jobs.active_among, **args)
+
+    await run_job(runtime(), job_id, fn, POLICIES["app_action"].max_attempts)
+
+
+@dramatiq.actor(**actor_options("scale"))
+async def scale(job_id: str) -> None:
+    async def fn(ctx: JobContext, **args) -> dict:
+        return await lifecycle.scale(ctx, active=ctx.rt.jobs.active_among, **args)
+
+    await run_job(runtime(), job_id, fn, POLICIES["scale"].max_attempts)
+
+
+@dramatiq.actor(**actor_options("destroy"))
+async def destroy(job_id: str) -> None:
+    async def fn(ctx: JobContext, **args) -> dict:
+        return await lifecycle.destroy_app(ctx, active=ctx.rt.jobs.active_among, **args)
+
+    await run_job(runtime(), job_id, fn, POLICIES["destroy"].max_attempts)

@@ -41,6 +41,10 @@ POLICIES = {
     "start_common": Policy(max_attempts=2, min_backoff_ms=1_000, max_backoff_ms=10_000, time_limit_ms=30 * 60_000),
     # An MPI launch builds and starts units; a retry after a crash starts a clean run.
     "start_mpi": Policy(max_attempts=2, min_backoff_ms=1_000, max_backoff_ms=10_000, time_limit_ms=15 * 60_000),
+    # Lifecycle jobs redo what is left on a retry: a removal cut short is finished by the next attempt.
+    "app_action": Policy(max_attempts=2, min_backoff_ms=1_000, max_backoff_ms=10_000, time_limit_ms=30 * 60_000),
+    "scale": Policy(max_attempts=2, min_backoff_ms=1_000, max_backoff_ms=10_000, time_limit_ms=30 * 60_000),
+    "destroy": Policy(max_attempts=2, min_backoff_ms=1_000, max_backoff_ms=10_000, time_limit_ms=30 * 60_000),
 }
 
 

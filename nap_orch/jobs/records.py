@@ -19,7 +19,7 @@ import json
 import logging
 import time
 import uuid
-from collections.abc import AsyncGenerator, Awaitable, Callable
+from collections.abc import AsyncGenerator, Awaitable, Callable, Iterable
 from dataclasses import asdict, dataclass, field
 from typing import Any, NamedTuple, TypeVar
 
@@ -209,6 +209,29 @@ class JobStore:
         if user is not None and job.user != user:
             raise NotFound(f"no job {job_id!r}")
         return job
+
+    async def active_among(self, job_ids: Iterable[str]) -> set[str]:
+        """Which of ``job_ids`` are queued or running (not ended): one round trip."""
+        ids = list(dict.fromkeys(job_ids))
+        if not ids:
+            return set()
+        scores = await self.redis.zmscore(self.keys.active_jobs, ids)
+        return {i for i, score in zip(ids, scores, strict=True) if score is not None}
+
+    async def active_of(self, user: str) -> list[Job]:
+        """The user's jobs that are queued or running."""
+        ids = await self.redis.zrange(self.keys.active_jobs, 0, -1)
+        async with self.redis.pipeline(transaction=False) as p:
+            for i in ids:
+                p.hmget(self.keys.job(i.decode()), "user")
+            owners = await p.execute()
+        mine = [i.decode() for i, (owner,) in zip(ids, owners, strict=True) if owner and json.loads(owner) == user]
+        async with self.redis.pipeline(transaction=False) as p:
+            for i in mine:
+                p.hgetall(self.keys.job(i))
+            rows = await p.execute()
+        jobs = [Job.from_hash(h) for h in rows if h]
+        return [j for j in jobs if not JobState(j.state).terminal]
 
     async def list(self, user: str, state: str | None = None, limit: int = 100) -> list[Job]:
         ids = await self.redis.zrevrange(self.keys.user_jobs(user), 0, -1 if state else limit - 1)

@@ -8,6 +8,7 @@ sees a half-written app. Hidden folders (``.versions``, ``.staging``) never show
 from __future__ import annotations
 
 import os
+import re
 import shutil
 from pathlib import Path
 
@@ -82,9 +83,27 @@ def publish(settings: Settings, user: str, app: str, staged: Path, version: str)
 
 def prune_versions(settings: Settings, user: str, app: str) -> None:
     """Remove every version folder of the app but the one its link points to."""
-    vdir = versions_dir(settings, user)
     link = app_path(settings, user, app)
     current = os.path.realpath(link) if link.is_symlink() else None
-    for old in vdir.glob(f"{app}-*"):
+    for old in versions_of(settings, user, app):
         if str(old.resolve()) != current:
             shutil.rmtree(old, ignore_errors=True)
+
+
+def unpublish(settings: Settings, user: str, app: str) -> None:
+    """Remove the app's link, then every version folder of it (a reader sees the app whole or not at
+    all)."""
+    link = app_path(settings, user, app)
+    if link.is_symlink():
+        link.unlink()
+    elif link.is_dir():
+        shutil.rmtree(link, ignore_errors=True)
+    for old in versions_of(settings, user, app):
+        shutil.rmtree(old, ignore_errors=True)
+
+
+def versions_of(settings: Settings, user: str, app: str) -> list[Path]:
+    """The app's version folders (``<app>-<job id>``: not those of ``<app>-x``, whose names start alike)."""
+    vdir = versions_dir(settings, user)
+    shape = re.compile(re.escape(app) + r"-[0-9a-f]{16}")
+    return [p for p in vdir.glob(f"{app}-*") if shape.fullmatch(p.name)] if vdir.is_dir() else []

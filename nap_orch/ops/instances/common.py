@@ -111,7 +111,7 @@ async def start_common(
     uid = await tenants.uid_of(store, settings, user) if settings.sandbox else None
     copies = await quotas.app_size(settings, user, app) * count
     async with quotas.held(store, user, owner):  # of two launches at once, the second counts the first's
-        numbers = await reserve_numbers(store, settings, user, app, count, owner, spec.memory)
+        numbers = await reserve_numbers(store, settings, user, app, count, owner, spec.memory, params=values)
         try:
             await quotas.ensure_reserved(store, settings, user, copies)
         except QuotaExceeded:
@@ -129,7 +129,7 @@ async def start_common(
             await store.put_many(
                 {
                     keys.INSTANCE.format(user=user, app=app, n=s.n): quotas.reservation(
-                        owner, spec.memory, host=host, port=s.port
+                        owner, spec.memory, host=host, port=s.port, params=values
                     )
                     for s in slots
                 }

@@ -14,6 +14,7 @@ import json
 import shutil
 import time
 from pathlib import Path
+from typing import Any
 
 from ... import keys
 from ...config import Settings
@@ -45,9 +46,11 @@ async def reserve_numbers(
     owner: str,
     memory: int | None = None,
     units: int = 1,
+    **more: Any,
 ) -> list[int]:
     """Reserve ``count`` fresh instance numbers (a retry of the same job gets its own back); each
-    records what it counts for in the quotas (``units`` instances of ``memory`` bytes each)."""
+    records what it counts for in the quotas (``units`` instances of ``memory`` bytes each), and
+    ``more`` (a common instance's parameters, which scale and a rollout launch it with again)."""
     taken = await store.get_prefix(keys.INSTANCES_OF_APP.format(user=user, app=app))
     mine, highest = [], 0
     for key, value in taken.items():
@@ -66,7 +69,7 @@ async def reserve_numbers(
     while len(mine) < count:
         want = list(range(nxt, nxt + count - len(mine)))
         nxt = want[-1] + 1
-        value = quotas.reservation(owner, memory, units)
+        value = quotas.reservation(owner, memory, units, **more)
         got = await store.create_many([(keys.INSTANCE.format(user=user, app=app, n=n), value) for n in want])
         mine += [n for n, ok in zip(want, got) if ok]
     return sorted(mine)

@@ -39,7 +39,7 @@ async def list_instances(rt: Resources, user: str, app: str) -> list[dict[str, A
         await mpi.forget_ended_runs(rt, user, app)
     published = await rt.store.get_prefix(keys.PORTS_OF_APP.format(user=user, app=app))
     out = []
-    for st in sorted(rows, key=lambda s: _sort_key(s.name)):
+    for st in sorted(rows, key=lambda s: sort_key(s.name)):
         inst = InstanceName.parse(st.name)
         port = published.get(keys.PORT.format(user=user, app=app, n=inst.inst))
         out.append(
@@ -48,7 +48,7 @@ async def list_instances(rt: Resources, user: str, app: str) -> list[dict[str, A
     return out
 
 
-def _sort_key(name: str):
+def sort_key(name: str):
     inst = InstanceName.parse(name)
     return (inst.kind, [int(x) for x in inst.inst.split("-")])
 
