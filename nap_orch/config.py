@@ -111,6 +111,11 @@ class Settings:
     mpirun: str = "mpirun"
     restart_limit: int = 5
     stop_timeout: float = 10.0
+    # Seconds a started common instance must stay up before it counts as running (Nomad's
+    # min_healthy_time): until then it is "starting", and a crash loop never looks healthy.
+    min_healthy: float = 3.0
+    # Releases of an app kept (ops.releases): rollback reaches these; older ones are pruned.
+    keep_releases: int = 5
     # Every instance runs sandboxed as its tenant's own uid, with cgroup limits (engines.sandbox,
     # engines.cgroups). Off (NAP_SANDBOX=off) is for development only: tenants are not isolated.
     sandbox: bool = True

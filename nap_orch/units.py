@@ -83,6 +83,13 @@ class Unit:
     restart_limit: int = 5
     stop_timeout: float = 10.0
     vars: tuple = field(default=())
+    # Health (``engines.health``): ``starting`` until up ``min_healthy`` seconds and, with a ``check``
+    # (``http /path`` or ``tcp``: the instance's own port), a probe has passed.
+    min_healthy: float = 0.0
+    check: str | None = None
+    check_interval: float = 10.0
+    check_timeout: float = 2.0
+    check_grace: float = 5.0
 
     def restart_delay(self, attempt: int) -> float:
         """Delay before restart number ``attempt`` (1-based) of a run of failures."""
@@ -91,6 +98,26 @@ class Unit:
 
 # ---------------------------------------------------------------------------------------------
 # validation and quoting
+
+
+CHECK_PATH_RE = re.compile(r"/[A-Za-z0-9._~!$&'()*+,;=:@%/?-]{0,1023}")  # an HTTP path and query, no blanks
+
+
+def parse_check(text: str) -> tuple[str, str]:
+    """A health check, ``http /path`` or ``tcp`` -> (kind, path); ``ValueError`` naming what is wrong.
+    Only the instance's own port is ever probed: a check names no host and no port."""
+    words = text.split() if isinstance(text, str) else []
+    if words == ["tcp"]:
+        return "tcp", ""
+    if len(words) == 2 and words[0] == "http":
+        if not CHECK_PATH_RE.fullmatch(words[1]):
+            raise ValueError(
+                f"check: {words[1][:60]!r} is not a path like /health (it starts with /, without blanks or "
+                "control characters; the instance's own port is checked, so no host or port is named)"
+            )
+        return "http", words[1]
+    shown = text[:60] if isinstance(text, str) else text
+    raise ValueError(f"check: {shown!r} must be 'http /path' or 'tcp' (the instance's own port is checked)")
 
 
 def check_value(value, what: str) -> str:
@@ -237,6 +264,18 @@ def render(unit: Unit) -> str:
         f"RestartSec={_seconds(unit.restart_sec, 'restart delay')}",
         f"X-RestartMaxDelaySec={_seconds(unit.restart_max_delay, 'restart max delay')}",
         f"TimeoutStopSec={_seconds(unit.stop_timeout, 'stop timeout')}",
+    ]
+    if unit.min_healthy:
+        lines.append(f"X-Nap-MinHealthySec={_seconds(unit.min_healthy, 'min healthy time')}")
+    if unit.check is not None:
+        kind, path = parse_check(unit.check)
+        lines += [
+            f"X-Nap-Check={kind} {path}".rstrip(),
+            f"X-Nap-CheckIntervalSec={_seconds(unit.check_interval, 'check interval')}",
+            f"X-Nap-CheckTimeoutSec={_seconds(unit.check_timeout, 'check timeout')}",
+            f"X-Nap-CheckGraceSec={_seconds(unit.check_grace, 'check grace')}",
+        ]
+    lines += [
         "",
         "[Install]",
         "WantedBy=multi-user.target",
@@ -439,6 +478,14 @@ def _sections(text: str):
         yield section, key.strip(), value.strip()
 
 
+_HEALTH_KEYS = {
+    "X-Nap-MinHealthySec": "min_healthy",
+    "X-Nap-CheckIntervalSec": "check_interval",
+    "X-Nap-CheckTimeoutSec": "check_timeout",
+    "X-Nap-CheckGraceSec": "check_grace",
+}
+
+
 def parse(text: str, name: str | None = None) -> Unit:
     """The ``Unit`` a unit file describes (the inverse of ``render``); ``ValueError`` if it can't be read.
 
@@ -495,6 +542,11 @@ def parse(text: str, name: str | None = None) -> Unit:
             values["restart_max_delay"] = parse_timespan(value)
         elif section == "Service" and key == "TimeoutStopSec":
             values["stop_timeout"] = parse_timespan(value)
+        elif section == "Service" and key == "X-Nap-Check":
+            kind, path = parse_check(value)
+            values["check"] = f"{kind} {path}".rstrip()
+        elif section == "Service" and key in _HEALTH_KEYS:
+            values[_HEALTH_KEYS[key]] = parse_timespan(value)
     if argv is None:
         raise ValueError("the unit has no ExecStart=")
     for word in argv:

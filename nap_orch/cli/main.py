@@ -105,15 +105,25 @@ def watch(client: Client, job_id: str, quiet: bool = False) -> int:
             final = data
     job = client.get(f"/v1/jobs/{job_id}")
     result = job.get("result") or {}
-    if job["kind"] == "start_common" and result:
-        print(f"running: {result.get('running')}, failed: {result.get('failed')}, seconds: {result.get('seconds')}")
-    elif job["kind"] == "scale" and result:
+    if job["kind"] in ("start_common", "scale") and result.get("instances"):
+        launched = result["instances"]
+        running = sum(i["state"] == "running" for i in launched)
+        print(f"running: {running}, failed: {len(launched) - running}, seconds: {result.get('seconds')}")
+        for i in [i for i in launched if i["state"] != "running"][:20]:
+            how = "failing (restarting)" if i.get("failing") else i["state"]
+            print(f"  {i['name']}: {how}: {i.get('message') or ''}", file=sys.stderr)
+        unhealthy = running < len(launched) and job["state"] == "succeeded"
+    else:
+        unhealthy = False
+    if job["kind"] == "scale" and result:
         print(
             f"{result['app']}: {result['was']} -> {result['count']} live; removed {len(result['removed'])}, "
             f"started {result['started']}, failed {result['failed']}"
         )
     elif job["kind"] == "app_action" and result:
         print(f"{result['action']}: {result['done']} done, {len(result['failed'])} not")
+    if unhealthy:  # the job did its part, but not all of the launch is up
+        return 1
     if job["state"] != "succeeded":
         error = job.get("error") or ""
         shown = error.splitlines()[0] + " (the details are in the log above)" if not quiet and "\n" in error else error

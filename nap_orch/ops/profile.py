@@ -11,7 +11,9 @@ import re
 import shlex
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
+from .. import units
 from ..errors import AppError, BadRequest
 from ..names import MPI_XML, PROFILE, control_character
 
@@ -71,6 +73,38 @@ class AppSpec:
             raise AppError(f"scale: {raw!r} in {self.filename} is not a positive whole number")
         return int(raw)
 
+    @property
+    def health(self) -> dict[str, Any]:
+        """The unit's health fields from ``check:``, ``check_interval:``, ``check_timeout:`` and
+        ``check_grace:`` (AppError naming a bad one): ``Unit(**spec.health)``."""
+        out: dict[str, Any] = {}
+        check = self.fields.get("check")
+        if check is not None:
+            try:
+                kind, path = units.parse_check(check)
+            except ValueError as e:
+                raise AppError(f"{e} (in {self.filename})") from None
+            out["check"] = f"{kind} {path}".rstrip()
+        for name, (lo, hi) in HEALTH_BOUNDS.items():
+            raw = self.fields.get(name)
+            if raw is None:
+                continue
+            if check is None:
+                raise AppError(f"{name}: is set in {self.filename} but there is no check: line")
+            try:
+                seconds = units.parse_timespan(raw)
+            except ValueError:
+                seconds = -1.0
+            if not lo <= seconds <= hi:
+                raise AppError(f"{name}: {raw[:40]!r} in {self.filename} must be a time from {lo:g}s to {hi:g}s")
+            out[name] = seconds
+        if out.get("check_timeout", 2.0) > out.get("check_interval", 10.0):
+            raise AppError(f"check_timeout: is longer than check_interval: in {self.filename}")
+        return out
+
+
+HEALTH_BOUNDS = {"check_interval": (0.5, 3600.0), "check_timeout": (0.1, 60.0), "check_grace": (0.0, 3600.0)}
+
 
 def parse_fields(text: str) -> dict[str, str]:
     fields: dict[str, str] = {}
@@ -119,7 +153,7 @@ def validate(spec: AppSpec) -> None:
     if spec.kind == "common":
         if not spec.command:
             raise AppError("the profile has no command: line")
-        spec.memory, spec.scale  # noqa: B018  (raise on bad values)
+        spec.memory, spec.scale, spec.health  # noqa: B018  (raise on bad values)
         split_command(spec.command)
     else:
         spec.hosts  # noqa: B018

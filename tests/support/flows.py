@@ -15,6 +15,7 @@ from pathlib import Path
 
 import redis
 
+from nap_orch.cli.client import ApiError
 from nap_orch.store.etcd import EtcdStore
 
 from .apps import tar_gz, write_app, zip_dir
@@ -83,11 +84,19 @@ def start(stack, client, app: str, params: dict | str, count: int | None = None,
 
 
 def wait_instance(client, name: str, pred, timeout: float = 30.0) -> dict:
+    """Poll the instance until ``pred`` holds (an instance not there yet is waited for too)."""
     deadline = time.monotonic() + timeout
+    st: dict = {}
     while time.monotonic() < deadline:
-        st = client.get(f"/v1/instances/{name}")
-        if pred(st):
-            return st
+        try:
+            st = client.get(f"/v1/instances/{name}")
+        except ApiError as e:
+            if e.status != 404:
+                raise
+            st = {"absent": e.body}
+        else:
+            if pred(st):
+                return st
         time.sleep(0.1)
     raise AssertionError(f"{name} never matched: {st}")
 

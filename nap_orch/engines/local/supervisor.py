@@ -54,6 +54,7 @@ from ... import units
 from ...config import Settings
 from ...errors import BadRequest, Conflict, EngineError, NotFound
 from ...names import is_unit_name
+from .. import health
 from ..base import ENDED, RUNNING, STARTING, STOPPED, InstanceStatus
 from ..cgroups import CgroupError, Group, Limits
 from ..files import FilePool
@@ -115,6 +116,8 @@ class Instance:
         self.output_pid: int | None = None  # whose output the raw files hold
         self.group: Group | None = None  # its control group, when sandboxed
         self.oom_seen = 0  # the group's OOM kills counted before the current process started
+        self.health: health.Health | None = None  # of the current process
+        self.unhealthy = ""  # why the agent is ending the current process (its check failed)
 
     @property
     def alive(self) -> bool:
@@ -374,6 +377,7 @@ class Supervisor:
                 inst.pidfd = fd
                 self.loop.add_reader(fd, self._on_pidfd, inst)
         self._event(inst, f"adopted pid {pid} (still running after an agent restart)")
+        self._watch_health(inst)
 
     # -- processes ----------------------------------------------------------------------------
 
@@ -455,9 +459,59 @@ class Supervisor:
         record.pid, record.starttime = pid, (st[1] if st else None)
         record.started_at = time.time()
         inst.output_pid = pid
-        self._set(inst, RUNNING, "")
+        inst.unhealthy = ""
+        waits = bool(unit.min_healthy or unit.check)
+        self._set(inst, STARTING if waits else RUNNING, "waiting to be healthy" if waits else "")
         self._event(inst, f"started pid {pid}")
         self._save(inst)
+        self._watch_health(inst)
+
+    # -- health (engines.health) ----------------------------------------------------------------
+
+    def _watch_health(self, inst: Instance) -> None:
+        """Judge the current process's health: by the sweep while it only has to stay up, by a probe
+        loop of its own when its unit has a check."""
+        record = inst.record
+        inst.health = health.Health(started_at=record.started_at or time.time(), passed=record.state == RUNNING)
+        if inst.unit.check and inst.unit.env.get("PORT", "").isdigit():
+            asyncio.create_task(self._probe_forever(inst, record.pid))
+
+    def _judge(self, inst: Instance, check: health.Check, what: str = "") -> None:
+        if inst.health is None or not inst.alive or inst.stop_task is not None or inst.unhealthy:
+            return
+        verdict = health.judge(check, inst.health, time.time())
+        if verdict == "running" and inst.record.state == STARTING:
+            self._set(inst, RUNNING, "")
+            self._event(inst, "healthy" + (f": {what}" if what else f": up {check.min_healthy:g}s"))
+            self._save(inst)
+        elif verdict == "restart":
+            inst.unhealthy = f"its check failed {inst.health.failures} times in a row ({what})"
+            self._event(inst, f"{inst.unhealthy}: ending it (SIGTERM)")
+            inst.stop_task = asyncio.create_task(self._end_unhealthy(inst))
+
+    async def _end_unhealthy(self, inst: Instance) -> None:
+        try:
+            self._signal(inst, signal.SIGTERM)
+            if not await self._wait_exit(inst, inst.unit.stop_timeout):
+                self._signal(inst, signal.SIGKILL)
+                await self._wait_exit(inst, 5.0)
+        finally:
+            inst.stop_task = None
+
+    async def _probe_forever(self, inst: Instance, pid: int | None) -> None:
+        check = health.Check.of(inst.unit)
+        port = int(inst.unit.env["PORT"])
+        while inst.record.pid == pid and self.instances.get(inst.name) is inst and inst.health is not None:
+            h = inst.health
+            ok, what = await health.probe(check, self.settings.host, port)
+            if inst.record.pid != pid or inst.health is not h:
+                return
+            health.record(h, ok)
+            if not ok and inst.record.state == RUNNING:
+                self._event(inst, f"check failed ({what}): {h.failures} of {health.FAIL_LIMIT} in a row")
+            self._judge(inst, check, what)
+            starting = inst.record.state == STARTING
+            await asyncio.sleep(min(check.interval, 1.0) if starting else check.interval)
 
     def _exited_child(self) -> os.waitid_result | None:
         """An exited child of ours, not yet reaped (other code in this process may have children too)."""
@@ -546,6 +600,8 @@ class Supervisor:
             self._event(inst, f"{describe_exit(code, signo)}: stopped")
         else:
             exit = exit_of(code, signo)
+            if inst.unhealthy:  # ended by the agent for failing its check: a failure, whatever its code
+                exit = Exit(exit.code, False, f"{exit.what}: ended because {inst.unhealthy}")
             if self._oom_kills(inst):
                 what = f"killed for memory: over its MemoryMax={inst.unit.memory_max} ({exit.what})"
                 exit = Exit(exit.code, False, what, oom=True)
@@ -716,6 +772,8 @@ class Supervisor:
                         self._exited(inst, None, None)
                     elif inst.alive:
                         self._drain(inst)
+                        if inst.record.state == STARTING and not inst.unit.check:
+                            self._judge(inst, health.Check.of(inst.unit))
                         if inst.unit.memory_max and inst.stop_task is None and self._oom_kills(inst):
                             # systemd's OOMPolicy=stop: the instance goes whole (and restarts by its policy)
                             self._event(inst, f"a process was killed for memory (MemoryMax={inst.unit.memory_max})")

@@ -78,7 +78,13 @@ def observe(
                     _set(s, STARTING, f"port {s.port} on {s.host} handed out, waiting for the program to start", now)
                     return s, []
                 s.pid = pid
-            s.started_at = now
+            if s.started_job != s.jobid:
+                s.started_job, s.started_at = s.jobid, now
+            unit = unit_of(name) if d.kind == "common" else None
+            wait = unit.min_healthy if unit is not None else 0.0
+            if now - (s.started_at or now) < wait:  # engines.health: running once it has stayed up
+                _set(s, STARTING, f"started on {s.host}, running once up {wait:g}s", now)
+                return s, []
             _set(s, RUNNING, "", now)
         return s, []
     if ended is None and row is None and now - s.submitted < GRACE:

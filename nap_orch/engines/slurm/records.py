@@ -92,6 +92,7 @@ class Observed(Record):
     restarts: int = 0
     failures: int = 0  # restarts in a row: the backoff step and the limit's count
     started_at: float | None = None
+    started_job: str = ""  # the job whose program was seen started at started_at
     next_at: float | None = None  # a restart is due then
     ended_job: str = ""  # the last job whose end was handled
     ending_job: str = ""  # a job Slurm signalled, still ending in Slurm since ending_at

@@ -13,13 +13,13 @@ from typing import Any
 
 from ... import keys, units
 from ...config import Settings
-from ...engines.base import RUNNING, InstanceStatus, UnitSpec
+from ...engines.base import ENDED, RUNNING, InstanceStatus, UnitSpec
 from ...engines.ports import Ports, bindable
 from ...errors import AppError, BadRequest, EngineError, Exhausted, QuotaExceeded
 from ...store.base import Store
 from .. import apps, profile, quotas, tenants
 from ..context import Context
-from .launch import first_line, instance_dir, reserve_numbers, wait_settled, write_copy
+from .launch import failing, first_line, instance_dir, reserve_numbers, wait_settled, write_copy
 
 SUBMIT_BATCH = 250  # units per engine call: progress stays visible, requests stay small
 
@@ -78,6 +78,8 @@ def render_unit(
         restart="on-failure",
         restart_limit=settings.restart_limit,
         stop_timeout=settings.stop_timeout,
+        min_healthy=settings.min_healthy,
+        **spec.health,
     )
     try:
         return UnitSpec(slot.name, units.render(unit))
@@ -183,10 +185,13 @@ async def start_common(
         for s in running:
             raw = published.get(keys.PORT.format(user=user, app=app, n=s.n))
             s.port = json.loads(raw)["port"] if raw else None
-    else:
-        await publish_ports(store, user, app, running, states, host)
+    else:  # those still restarting too: they may yet become healthy
+        await publish_ports(store, user, app, [s for s in slots if states[s.name].state not in ENDED], states, host)
     seconds = round(time.monotonic() - t0, 3)
     await ctx.log(f"{len(running)} running, {len(failed)} not running, in {seconds} s")
+    for s in failed[:10]:
+        st = states[s.name]
+        await ctx.log(f"{s.name} is {'failing' if failing(st) else st.state}: {st.message or 'no message'}")
     result = {
         "app": app,
         "count": count,
@@ -200,7 +205,9 @@ async def start_common(
                 "host": states[s.name].host or host,
                 "port": s.port,
                 "state": states[s.name].state,
+                "failing": failing(states[s.name]),
                 "exit_code": states[s.name].exit_code,
+                "message": states[s.name].message,
             }
             for s in slots
         ],

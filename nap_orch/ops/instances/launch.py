@@ -18,12 +18,17 @@ from typing import Any
 
 from ... import keys
 from ...config import Settings
-from ...engines.base import ENDED, RUNNING, InstanceStatus
+from ...engines.base import ENDED, RUNNING, STARTING, InstanceStatus
 from ...store.base import Store
 from .. import profile, quotas
 from ..context import Context
 
 SETTLED = ENDED | {RUNNING}
+
+
+def failing(st: InstanceStatus) -> bool:
+    """Started, but not healthy: it has already had to be restarted (a crash loop, a failing check)."""
+    return st.state == STARTING and st.restarts > 0
 
 
 def first_line(error: BaseException) -> str:
@@ -100,7 +105,7 @@ async def wait_settled(ctx: Context, names: list[str], total: int, timeout: floa
         got = await ctx.engine.status(pending)
         for n in pending:
             st = got.get(n)
-            if st is not None and st.state in SETTLED:
+            if st is not None and (st.state in SETTLED or failing(st)):
                 states[n] = st
         pending = [n for n in pending if n not in states]
         await ctx.progress(total + len(states), total * 2, phase="running")

@@ -272,4 +272,5 @@ async def scale(
         "started": started.get("running", 0),
         "failed": started.get("failed", 0),
         "instances": started.get("instances", []),
+        "seconds": started.get("seconds", 0),
     }

@@ -7,7 +7,7 @@ from typing import Any
 
 from ... import keys
 from ...config import Settings
-from ...engines.base import InstanceStatus
+from ...engines.base import RUNNING, InstanceStatus
 from ...errors import BadRequest, NotFound
 from ...names import MPI_XML, PROFILE, InstanceName
 from ...store.base import Store
@@ -54,7 +54,11 @@ def sort_key(name: str):
 
 
 async def get_port(rt: Resources, inst: InstanceName) -> dict[str, Any]:
-    await require_instance(rt, inst)
+    """Where a running instance listens; 404 for one that is starting, stopped or failed (a port it
+    does not answer on is no answer)."""
+    st = await require_instance(rt, inst)
+    if st.state != RUNNING:
+        raise NotFound(f"instance {inst.name} is {st.state}: it has a port only while running")
     port = await port_of(rt.store, inst)
     if port is None:
         raise NotFound(f"instance {inst.name} has no published port (is it running?)")
