@@ -19,6 +19,8 @@ TENANT = "/nap/tenants/{user}"  # the user's uid (= its gid), given once (ops.te
 UID = "/nap/uids/{uid}"  # value: the user the uid was given to
 QUOTA = "/nap/quotas/{user}"  # the user's own limits, where an admin set them (ops.quotas)
 QUOTA_LOCK = "/nap/quota-locks/{user}"  # held while a launch reserves and counts (value: its job)
+RELEASE = "/nap/releases/{user}/{app}/{n}"  # release n of an app: its URL, time, digest (ops.releases)
+RELEASES_OF_APP = "/nap/releases/{user}/{app}/"
 # Engines keep records of their own under /nap/<engine>/ (each in its own package).
 
 

@@ -16,7 +16,7 @@ from ..http import json_object, json_type
 from ..jobs.broker import queued
 from ..jobs.records import JobState
 from ..names import InstanceName, check_name, control_character, split_service
-from ..ops import apps, profile, quotas
+from ..ops import apps, profile, quotas, releases
 from ..ops.fetch import check_url
 from ..ops.instances import lifecycle, manage
 from ..ops.instances.logs import app_logs
@@ -168,10 +168,51 @@ async def deploy_app(request: web.Request) -> web.Response:
         raise BadRequest("url contains control characters or line breaks")
     settings = request.app[SETTINGS]
     check_source_url(url, settings)
+    batch = _batch(data, settings)
     new_app = not apps.app_path(settings, user, app).is_dir()
     # disk: 1 byte more than used, that is, no deploy once the disk quota is reached
     await quotas.ensure(request.app[RUNTIME].store, settings, user, quotas.Amounts(apps=int(new_app), disk=1))
-    return await enqueue(request, "deploy", user, {"user": user, "app": app, "url": url})
+    args: dict[str, Any] = {"user": user, "app": app, "url": url}
+    if batch is not None:
+        args["batch"] = batch
+    return await enqueue(request, "deploy", user, args)
+
+
+def _batch(data: dict[str, Any], settings: Settings) -> int | None:
+    """``batch``: how many instances a rollout replaces at once (absent: a quarter of them)."""
+    batch = data.get("batch")
+    if batch is not None and (
+        not isinstance(batch, int) or isinstance(batch, bool) or not 1 <= batch <= settings.max_count
+    ):
+        raise BadRequest(f"batch must be a whole number from 1 to {settings.max_count}")
+    return batch
+
+
+async def list_releases(request: web.Request) -> web.Response:
+    user, app = await app_of(request)
+    rt = request.app[RUNTIME]
+    return web.json_response(await releases.listing(rt.store, request.app[SETTINGS], user, app))
+
+
+async def rollback(request: web.Request) -> web.Response:
+    user, app = await app_of(request)
+    settings, rt = request.app[SETTINGS], request.app[RUNTIME]
+    data = await json_object(request)
+    release = text_field(data, "release", 20)
+    batch = _batch(data, settings)
+    apps.require_app(settings, user, app)
+    known = await releases.records(rt.store, user, app)
+    if release is not None:
+        n = releases.parse_release(release)
+        if n not in known:
+            kept = ", ".join(f"v{k}" for k in sorted(known)) or "none"
+            raise NotFound(f"{app!r} has no release v{n} (kept: {kept})")
+    elif not any(k < (releases.current(settings, user, app) or 0) for k in known):
+        raise NotFound(f"{app!r} has no release before its current one to roll back to")
+    for job in await rt.jobs.active_of(user):
+        if job.args.get("app") == app and job.kind in ("deploy", "rollback"):
+            raise Conflict(f"app {app!r} has a {job.kind} job {job.state}: {job.id}; wait for it or cancel it")
+    return await enqueue(request, "rollback", user, {"user": user, "app": app, "release": release, "batch": batch})
 
 
 async def list_services(request: web.Request) -> web.Response:
@@ -188,12 +229,14 @@ async def get_app(request: web.Request) -> web.Response:
     settings = request.app[SETTINGS]
     spec = apps.spec(settings, user, app)
     url = await apps.url(request.app[RUNTIME].store, user, app)
+    release = releases.current(settings, user, app)
     return web.json_response(
         {
             "app": app,
             "service": f"{user}_{app}",
             "kind": spec.kind,
             "url": url,
+            "release": f"v{release}" if release else None,
             "parameters": spec.parameters,
             "para_str": ",".join(spec.parameters),
         }
@@ -503,6 +546,8 @@ def routes() -> list[web.RouteDef]:
         web.get("/v1/apps/{app}", get_app),
         web.delete("/v1/apps/{app}", destroy_app),
         web.put("/v1/apps/{app}/scale", scale_app),
+        web.get("/v1/apps/{app}/releases", list_releases),
+        web.post("/v1/apps/{app}/rollback", rollback),
         web.post("/v1/apps/{app}/stop", stop_all),
         web.post("/v1/apps/{app}/start", start_all),
         web.post("/v1/apps/{app}/restart", restart_all),

@@ -148,8 +148,17 @@ def cmd_remote(args) -> int:
     c = Client()
     op = args.op
     if op == "deploy_app":
-        return _submitted(args, c, c.post("/v1/apps", {"app": args.service, "url": args.url}))
-    if op == "list_services":
+        body: dict = {"app": args.service, "url": args.url}
+        if args.batch is not None:
+            body["batch"] = args.batch
+        return _submitted(args, c, c.post("/v1/apps", body))
+    if op == "releases":
+        r = c.get(f"/v1/apps/{args.service}/releases")
+        _out(args, r, "\n".join(release_row(x) for x in r["releases"]))
+    elif op == "rollback":
+        body = {"release": args.release, "batch": args.batch}
+        return _submitted(args, c, c.post(f"/v1/apps/{args.service}/rollback", body))
+    elif op == "list_services":
         r = c.get("/v1/apps", user=args.user)
         _out(args, r, "\n".join(r["apps"]))
     elif op == "get_service_url":
@@ -209,7 +218,7 @@ def cmd_remote(args) -> int:
     elif op == "destroy_app":
         return _submitted(args, c, c.delete(f"/v1/apps/{args.service}", force=1 if args.force else None))
     elif op == "scale":
-        body: dict = {"count": args.count}
+        body = {"count": args.count}
         if args.params:
             body["params"] = _params(args.params)
         return _submitted(args, c, c.put(f"/v1/apps/{args.service}/scale", body))
@@ -266,6 +275,12 @@ def quota_table(r: dict) -> str:
     """A user's quotas: each with what is used and the limit."""
     rows = [f"{name}\t{r['usage'][name]}\tof {r['limits'][name]}" for name in ("instances", "apps", "disk", "memory")]
     return f"quotas of {r['user']} (used, limit; disk and memory in bytes):\n" + "\n".join(rows)
+
+
+def release_row(r: dict) -> str:
+    """One line of ``releases``: name (* for the current), when, digest, URL."""
+    when = time.strftime("%F %T", time.localtime(r.get("time", 0)))
+    return f"{'*' if r['current'] else ' '} {r['name']}\t{when}\t{(r.get('digest') or '')[:19]}\t{r.get('url')}"
 
 
 def instance_row(i: dict) -> str:
@@ -327,9 +342,16 @@ def parser() -> argparse.ArgumentParser:
         sp.add_argument("--json", action="store_true", default=argparse.SUPPRESS)
         return sp
 
-    s = op("deploy_app", "upload an app from a URL (a job)")
+    s = op("deploy_app", "upload an app from a URL as its next release, rolling its instances onto it (a job)")
     s.add_argument("service", help="username_appname or appname")
     s.add_argument("url")
+    s.add_argument("--wait", action="store_true")
+    s.add_argument("--batch", type=_count, help="instances the rollout replaces at once (default: a quarter)")
+    op("releases", "an app's kept releases (* marks the current one)").add_argument("service")
+    s = op("rollback", "make an earlier release current and roll the instances onto it (a job)")
+    s.add_argument("service")
+    s.add_argument("release", nargs="?", help="vN (default: the one before the current)")
+    s.add_argument("--batch", type=_count, help="instances replaced at once (default: a quarter)")
     s.add_argument("--wait", action="store_true")
     op("list_services", "the apps you have deployed").add_argument("user", nargs="?")
     op("get_service_url", "the URL an app was deployed from").add_argument("service")

@@ -10,7 +10,7 @@ import dramatiq
 
 from ..config import Settings
 from ..ops.deploy import deploy_app
-from ..ops.instances import lifecycle
+from ..ops.instances import lifecycle, rollout
 from ..ops.instances.common import start_common as start_common_app
 from ..ops.instances.mpi import start_mpi as start_mpi_app
 from .broker import POLICIES, actor_options, setup
@@ -58,6 +58,11 @@ async def scale(job_id: str) -> None:
         return await lifecycle.scale(ctx, active=ctx.rt.jobs.active_among, **args)
 
     await run_job(runtime(), job_id, fn, POLICIES["scale"].max_attempts)
+
+
+@dramatiq.actor(**actor_options("rollback"))
+async def rollback(job_id: str) -> None:
+    await run_job(runtime(), job_id, rollout.rollback, POLICIES["rollback"].max_attempts)
 
 
 @dramatiq.actor(**actor_options("destroy"))

@@ -44,6 +44,7 @@ POLICIES = {
     # Lifecycle jobs redo what is left on a retry: a removal cut short is finished by the next attempt.
     "app_action": Policy(max_attempts=2, min_backoff_ms=1_000, max_backoff_ms=10_000, time_limit_ms=30 * 60_000),
     "scale": Policy(max_attempts=2, min_backoff_ms=1_000, max_backoff_ms=10_000, time_limit_ms=30 * 60_000),
+    "rollback": Policy(max_attempts=2, min_backoff_ms=1_000, max_backoff_ms=10_000, time_limit_ms=60 * 60_000),
     "destroy": Policy(max_attempts=2, min_backoff_ms=1_000, max_backoff_ms=10_000, time_limit_ms=30 * 60_000),
 }
 

@@ -1,13 +1,13 @@
 """Deployed apps on disk: where they live, listing them, reading their spec.
 
-``NAP_HOME/services/<user>/<user>_<app>`` is a symlink to a version folder in
-``NAP_HOME/services/<user>/.versions/``: a redeploy swaps the link with one rename, so no reader ever
-sees a half-written app. Hidden folders (``.versions``, ``.staging``) never show as apps.
+``NAP_HOME/services/<user>/<user>_<app>`` is a symlink to the folder of one of the app's releases, in
+``NAP_HOME/services/<user>/.versions/<app>/`` (``ops.releases``): a redeploy swaps the link with one
+rename, so no reader ever sees a half-written app. Hidden folders (``.versions``, ``.staging``) never
+show as apps.
 """
 
 from __future__ import annotations
 
-import os
 import re
 import shutil
 from pathlib import Path
@@ -64,32 +64,6 @@ async def url(store: Store, user: str, app: str) -> str | None:
     return await store.get(keys.URL.format(user=user, app=app))
 
 
-def publish(settings: Settings, user: str, app: str, staged: Path, version: str) -> None:
-    """Make ``staged`` the app's folder atomically and remove the versions it replaced."""
-    vdir = versions_dir(settings, user)
-    vdir.mkdir(parents=True, exist_ok=True)
-    target = vdir / f"{app}-{version}"
-    if target.exists():
-        shutil.rmtree(target)
-    os.rename(staged, target)
-    link = app_path(settings, user, app)
-    tmp_link = link.with_name(f".{link.name}.{version}.link")
-    if tmp_link.is_symlink():
-        tmp_link.unlink()
-    os.symlink(os.path.relpath(target, link.parent), tmp_link)
-    os.replace(tmp_link, link)  # the atomic swap
-    prune_versions(settings, user, app)
-
-
-def prune_versions(settings: Settings, user: str, app: str) -> None:
-    """Remove every version folder of the app but the one its link points to."""
-    link = app_path(settings, user, app)
-    current = os.path.realpath(link) if link.is_symlink() else None
-    for old in versions_of(settings, user, app):
-        if str(old.resolve()) != current:
-            shutil.rmtree(old, ignore_errors=True)
-
-
 def unpublish(settings: Settings, user: str, app: str) -> None:
     """Remove the app's link, then every version folder of it (a reader sees the app whole or not at
     all)."""
@@ -103,7 +77,8 @@ def unpublish(settings: Settings, user: str, app: str) -> None:
 
 
 def versions_of(settings: Settings, user: str, app: str) -> list[Path]:
-    """The app's version folders (``<app>-<job id>``: not those of ``<app>-x``, whose names start alike)."""
+    """The app's version folders in the layout before releases (``.versions/<app>-<job id>``: not
+    those of ``<app>-x``, whose names start alike)."""
     vdir = versions_dir(settings, user)
     shape = re.compile(re.escape(app) + r"-[0-9a-f]{16}")
     return [p for p in vdir.glob(f"{app}-*") if shape.fullmatch(p.name)] if vdir.is_dir() else []

@@ -1,18 +1,21 @@
-"""deploy_app: download an app from a URL, check it, publish it atomically, record its URL."""
+"""deploy_app: download an app from a URL, check it, publish it atomically as the app's next release,
+record its URL, and roll the app's running instances onto it (``instances.rollout``)."""
 
 from __future__ import annotations
 
+import asyncio
 import shutil
 from typing import Any
 
 from .. import keys
 from ..names import check_name
-from . import apps, profile, quotas
+from . import apps, profile, quotas, releases
 from .context import Context
 from .fetch import fetch
+from .instances import rollout
 
 
-async def deploy_app(ctx: Context, user: str, app: str, url: str) -> dict[str, Any]:
+async def deploy_app(ctx: Context, user: str, app: str, url: str, batch: int | None = None) -> dict[str, Any]:
     check_name(user, "user name")
     check_name(app, "app name")
     settings = ctx.settings
@@ -35,21 +38,30 @@ async def deploy_app(ctx: Context, user: str, app: str, url: str) -> dict[str, A
         )
         spec = profile.load(staged)
         profile.validate(spec)
+        digest = await asyncio.to_thread(releases.digest, staged)
         await ctx.check()
         # Under the user's quota lock, so that two deploys at once count each other: the staged copy
-        # counts (it is in the user's folder), the version it replaces is about to go.
+        # counts (it is in the user's folder), the releases pruned after it are about to go.
         async with quotas.held(ctx.store, user, ctx.job_id):
             new_app = not apps.app_path(settings, user, app).is_dir()
             touched = ("apps", "disk") if new_app else ("disk",)
-            old = await quotas.app_size(settings, user, app)
-            await quotas.ensure_within(ctx.store, settings, user, touched, less_disk=old, more_apps=int(new_app))
-            apps.publish(settings, user, app, staged, ctx.job_id)
+            n = await releases.next_number(ctx.store, settings, user, app, ctx.job_id)
+            freed = await releases.pruned_size(ctx.store, settings, user, app, n)
+            await quotas.ensure_within(ctx.store, settings, user, touched, less_disk=freed, more_apps=int(new_app))
+            releases.publish(settings, user, app, staged, n)
+            await releases.record(ctx.store, user, app, n, url=url, digest=digest, job=ctx.job_id, **_sizes(summary))
             await ctx.store.put(keys.URL.format(user=user, app=app), url)
     finally:
         shutil.rmtree(work, ignore_errors=True)
     path = apps.app_path(settings, user, app)
-    await ctx.log(f"published {spec.filename} app at {path}")
+    await ctx.log(f"published {spec.filename} app at {path} as release v{n} ({digest[:19]})")
     await ctx.log(f"wrote {keys.URL.format(user=user, app=app)} = {url}")
+    rolled: dict[str, Any] = {}
+    if spec.kind == "common":  # a rollout that stops fails the job before any release is pruned
+        rolled = await rollout.roll(ctx, user, app, n, batch)
+    pruned = await releases.prune(ctx.store, settings, user, app)
+    if pruned:
+        await ctx.log(f"pruned release(s) {', '.join(f'v{p}' for p in pruned)}")
     return {
         "app": app,
         "service": f"{user}_{app}",
@@ -57,6 +69,13 @@ async def deploy_app(ctx: Context, user: str, app: str, url: str) -> dict[str, A
         "path": str(path),
         "kind": spec.kind,
         "parameters": spec.parameters,
-        **{k: v for k, v in summary.items() if k in ("files", "bytes")},
+        **_sizes(summary),
         "source": summary.get("kind"),
+        "release": f"v{n}",
+        "digest": digest,
+        "rollout": rolled,
     }
+
+
+def _sizes(summary: dict[str, Any]) -> dict[str, Any]:
+    return {k: v for k, v in summary.items() if k in ("files", "bytes")}

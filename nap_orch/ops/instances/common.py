@@ -17,7 +17,7 @@ from ...engines.base import ENDED, RUNNING, InstanceStatus, UnitSpec
 from ...engines.ports import Ports, bindable
 from ...errors import AppError, BadRequest, EngineError, Exhausted, QuotaExceeded
 from ...store.base import Store
-from .. import apps, profile, quotas, tenants
+from .. import apps, profile, quotas, releases, tenants
 from ..context import Context
 from .launch import failing, first_line, instance_dir, reserve_numbers, wait_settled, write_copy
 
@@ -87,13 +87,45 @@ def render_unit(
         raise AppError(f"cannot render the unit of {slot.name}: {e}") from None
 
 
+def install_copy(
+    settings: Settings,
+    src: Path,
+    spec: profile.AppSpec,
+    slot: Slot,
+    values: dict[str, str],
+    user: str,
+    app: str,
+    host: str | None,
+    uid: int | None,
+) -> UnitSpec:
+    """Write the instance's folder (a copy of ``src`` with its parameters substituted, given to its
+    tenant) and render its unit. Where the port and host are known only once the instance runs, the copy
+    gets the units' markers for them (no value can hold one) and the engine fills them in then."""
+    folder = instance_dir(settings, user, app, slot.n)
+    filled = {
+        **values,
+        "instance": str(slot.n),
+        "user": user,
+        "app": app,
+        "port": str(slot.port) if slot.port else units.PORT_REF,
+        "host": host or units.HOST_REF,
+    }
+    write_copy(src, folder, spec, filled)
+    if uid is not None:
+        tenants.give(folder, uid)
+    return render_unit(settings, spec, slot, folder, values, user, app, host, uid)
+
+
 async def start_common(
     ctx: Context, user: str, app: str, params: dict[str, Any], count: int | None = None
 ) -> dict[str, Any]:
     settings, store, engine = ctx.settings, ctx.store, ctx.engine
     t0 = time.monotonic()
     src = apps.require_app(settings, user, app)
-    spec = apps.spec(settings, user, app)
+    release = releases.current(settings, user, app)
+    if release is not None:  # copied from the release's own folder: a redeploy meanwhile changes nothing
+        src = releases.release_dir(settings, user, app, release)
+    spec = profile.load(src)
     if spec.kind != "common":
         raise AppError(f"app {app!r} is an MPI app: use start_mpi")
     profile.validate(spec)
@@ -113,7 +145,9 @@ async def start_common(
     uid = await tenants.uid_of(store, settings, user) if settings.sandbox else None
     copies = await quotas.app_size(settings, user, app) * count
     async with quotas.held(store, user, owner):  # of two launches at once, the second counts the first's
-        numbers = await reserve_numbers(store, settings, user, app, count, owner, spec.memory, params=values)
+        numbers = await reserve_numbers(
+            store, settings, user, app, count, owner, spec.memory, params=values, release=release
+        )
         try:
             await quotas.ensure_reserved(store, settings, user, copies)
         except QuotaExceeded:
@@ -131,7 +165,7 @@ async def start_common(
             await store.put_many(
                 {
                     keys.INSTANCE.format(user=user, app=app, n=s.n): quotas.reservation(
-                        owner, spec.memory, host=host, port=s.port, params=values
+                        owner, spec.memory, host=host, port=s.port, params=values, release=release
                     )
                     for s in slots
                 }
@@ -142,28 +176,7 @@ async def start_common(
         await ctx.check()
 
         def prepare(chunk: list[Slot]) -> list[UnitSpec]:
-            out = []
-            for s in chunk:
-                folder = instance_dir(settings, user, app, s.n)
-                # Where the port and host are known only once the instance runs, the copy gets the units'
-                # markers for them (no value can hold one) and the engine fills them in then.
-                write_copy(
-                    src,
-                    folder,
-                    spec,
-                    {
-                        **values,
-                        "instance": str(s.n),
-                        "user": user,
-                        "app": app,
-                        "port": str(s.port) if s.port else units.PORT_REF,
-                        "host": host or units.HOST_REF,
-                    },
-                )
-                if uid is not None:
-                    tenants.give(folder, uid)
-                out.append(render_unit(settings, spec, s, folder, values, user, app, host, uid))
-            return out
+            return [install_copy(settings, src, spec, s, values, user, app, host, uid) for s in chunk]
 
         for i in range(0, len(slots), SUBMIT_BATCH):
             chunk = slots[i : i + SUBMIT_BATCH]

@@ -24,7 +24,7 @@ from ...engines.base import ENDED, InstanceStatus
 from ...engines.ports import Ports
 from ...errors import BadRequest, Conflict, NotFound
 from ...names import InstanceName, Kind
-from .. import apps
+from .. import apps, releases
 from ..context import Context, Resources
 from . import manage
 from .common import start_common
@@ -222,7 +222,9 @@ async def destroy_app(ctx: Context, user: str, app: str, active: ActiveJobs, for
         await ctx.progress(min(i + BATCH, len(numbers)), len(numbers), phase="removed")
     await ctx.log(f"removed {len(numbers)} instance(s)")
     await asyncio.to_thread(apps.unpublish, ctx.settings, user, app)
+    await asyncio.to_thread(releases.remove_all, ctx.settings, user, app)
     await ctx.store.delete_many([keys.URL.format(user=user, app=app)])
+    await ctx.store.delete_prefix(keys.RELEASES_OF_APP.format(user=user, app=app))
     await ctx.store.delete_prefix(keys.PORTS_OF_APP.format(user=user, app=app))
     await ctx.store.delete_prefix(keys.MPI_OF_APP.format(user=user, app=app))
     await ctx.log(f"destroyed {user}_{app}")

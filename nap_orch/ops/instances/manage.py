@@ -12,7 +12,7 @@ from ...errors import BadRequest, NotFound
 from ...names import MPI_XML, PROFILE, InstanceName
 from ...store.base import Store
 from ..context import Resources
-from . import mpi
+from . import mpi, rollout
 from .launch import instance_dir
 
 
@@ -79,7 +79,10 @@ async def start_instance(rt: Resources, inst: InstanceName) -> dict[str, Any]:
     await require_instance(rt, inst)
     if inst.kind.mpi:
         raise BadRequest("an MPI run cannot be restarted: start a new run with start_mpi")
-    st = await rt.engine.start(inst.name)
+    if await rollout.refresh(rt, inst):  # it was on an older release: it starts on the current one
+        st = (await rt.engine.status([inst.name]))[inst.name]
+    else:
+        st = await rt.engine.start(inst.name)
     raw = await rt.store.get(keys.INSTANCE.format(user=inst.user, app=inst.app, n=inst.inst))
     record = json.loads(raw) if raw else {}
     if record.get("port"):
