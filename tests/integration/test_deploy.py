@@ -112,8 +112,8 @@ def test_redeploy_replaces_app_atomically(stack, user, file_server, tmp_path):
         t.join()
     assert errors == []
     assert (folder / "profile").read_text() == "command: /bin/sleep 200\n"
-    versions = [p.name for p in (stack.home / "services" / name / ".versions").iterdir()]
-    assert len(versions) == 1, versions
+    versions = [p.name for p in (stack.home / "services" / name / ".versions" / "flip").iterdir()]
+    assert sorted(versions) == ["v1", "v2", "v3", "v4"], versions  # every release kept (NAP_KEEP_RELEASES: 5)
     assert not list((stack.home / "services" / name / ".staging").iterdir())
 
 

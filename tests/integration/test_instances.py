@@ -144,9 +144,9 @@ def test_stop_start_keeps_folder_and_port(engine_stack, engine_user, file_server
     assert e.value.status == 404
     started = client.post(f"/v1/instances/{inst['name']}/start")
     assert started["state"] in ("starting", "running")
-    assert client.get(f"/v1/instances/{inst['name']}/port")["port"] == port
     st = wait_instance(client, inst["name"], lambda s: s["state"] == "running")
     assert st["port"]["port"] == port
+    assert client.get(f"/v1/instances/{inst['name']}/port")["port"] == port  # once running again
 
 
 def test_journal_last_lines_and_follow(engine_stack, engine_user, file_server, tmp_path):

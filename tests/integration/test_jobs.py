@@ -188,7 +188,7 @@ def test_worker_killed_mid_deploy_is_redelivered_and_completes_once(stack, user,
     assert job["attempts"] == 2
     base = stack.home / "services" / name
     assert [p.name for p in base.iterdir() if not p.name.startswith(".")] == [f"{name}_phoenix"]
-    assert len(list((base / ".versions").iterdir())) == 1
+    assert [p.name for p in (base / ".versions" / "phoenix").iterdir()] == ["v1"]  # one release, not two
     assert not list((base / ".staging").iterdir())
 
     async def url_keys():

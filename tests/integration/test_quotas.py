@@ -41,6 +41,20 @@ def test_instances_over_quota_are_refused_at_submit(stack, file_server, tmp_path
     assert seen["limits"]["instances"] == 5 and seen["usage"]["instances"] == 5
 
 
+def test_scale_over_quota_is_refused_and_removal_gives_quota_back(stack, file_server, tmp_path):
+    name, client = stack.add_user()
+    deployed(stack, client, file_server, tmp_path, SLEEPER, "web")
+    quota(stack, name, instances=3)
+    up = stack.wait_job(client, client.put("/v1/apps/web/scale", {"count": 3})["job"], 60)
+    assert up["state"] == "succeeded", up
+    body = refused(lambda: client.put("/v1/apps/web/scale", {"count": 4}))
+    assert "instances: 3 used + 1 more > 3" in body["message"]
+    client.delete(f"/v1/instances/{name}_web_common@3")
+    assert client.get(f"/v1/users/{name}/quota")["usage"]["instances"] == 2
+    again = stack.wait_job(client, client.put("/v1/apps/web/scale", {"count": 3})["job"], 60)
+    assert again["state"] == "succeeded" and again["result"]["started"] == 1, again
+
+
 def test_two_launches_at_once_cannot_both_pass_the_quota(stack, file_server, tmp_path):
     name, client = stack.add_user()
     deployed(stack, client, file_server, tmp_path, SLEEPER, "web")

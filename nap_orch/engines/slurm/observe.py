@@ -10,6 +10,7 @@ from collections.abc import Callable
 
 from ...names import Kind
 from ...units import Unit
+from .. import health
 from ..base import RUNNING, STARTING, STOPPED, InstanceStatus
 from ..restarts import Exit, decide
 from .cli import ENDED_BY_SLURM, Row
@@ -26,6 +27,8 @@ class Action(enum.StrEnum):
     ENDED = "ended"  # its job's end was just judged: say so in its journal
     RESUBMIT = "resubmit"  # a restart is due
     CANCEL = "cancel"  # it is stopped, but its job still runs
+    PROBE = "probe"  # its check is due: probe its port (engines.health)
+    UNHEALTHY = "unhealthy"  # its check failed too often: cancel its job (then its restart policy applies)
 
 
 def observe(
@@ -80,13 +83,27 @@ def observe(
                 s.pid = pid
             if s.started_job != s.jobid:
                 s.started_job, s.started_at = s.jobid, now
-            unit = unit_of(name) if d.kind == "common" else None
-            wait = unit.min_healthy if unit is not None else 0.0
-            if now - (s.started_at or now) < wait:  # engines.health: running once it has stayed up
-                _set(s, STARTING, f"started on {s.host}, running once up {wait:g}s", now)
-                return s, []
+                s.check_passed, s.check_failures, s.probed_at, s.probe_note = False, 0, 0.0, ""
+        if d.kind != "common":
             _set(s, RUNNING, "", now)
-        return s, []
+            return s, []
+        unit = unit_of(name)
+        check = health.Check.of(unit) if unit is not None else health.Check("", "", 10, 2, 5, 0)
+        h = health.Health(s.started_at or now, s.check_passed, s.check_failures)
+        verdict = health.judge(check, h, now)
+        actions = []
+        if check.kind and s.port is not None:
+            every = check.interval if s.state == RUNNING else min(check.interval, 1.0)
+            if now - s.probed_at >= every:
+                actions.append(Action.PROBE)
+        if verdict == "restart":
+            return s, [Action.UNHEALTHY]
+        if verdict == "starting":
+            why = f"waiting for its check ({s.probe_note})" if check.kind and s.probe_note else "waiting to be healthy"
+            _set(s, STARTING, f"started on {s.host}, {why}", now)
+        else:
+            _set(s, RUNNING, "", now)
+        return s, actions
     if ended is None and row is None and now - s.submitted < GRACE:
         return s, []  # just submitted: squeue may not show it yet
     job_ended(s, d.kind, unit_of(name), ended, row, now)

@@ -37,7 +37,7 @@ from ...config import Settings
 from ...errors import EngineError, NapError
 from ...names import InstanceName
 from ...store.base import Lease, LeaseExpired
-from .. import daemon
+from .. import daemon, health
 from ..base import FAILED, RUNNING, STARTING, STOPPED
 from ..files import FilePool
 from ..journal import event_line
@@ -53,6 +53,7 @@ LEASE_TTL = 10
 BUSY_INTERVAL = 0.25
 ORPHAN_GRACE = 30.0  # a job no record names is cancelled after this (a launch records its jobs at once)
 CLEANUP_EVERY = 60.0
+PROBES_AT_ONCE = 64  # health checks in flight at once
 RUN_FILE_AGE = 600.0  # run files of jobs no record names any more are removed after this
 RETRY_SUBMIT = 10.0  # a restart that Slurm refused is tried again after this
 SPARE_FILES = 2048  # empty files made ahead of time for port files: a launch of 1000 finds them ready
@@ -161,6 +162,10 @@ class Reconciler:
         if todo[Action.RESUBMIT]:
             await self.resubmit(ds, states, todo[Action.RESUBMIT], now)
         await self.cancel_stopped(ds, states, todo[Action.CANCEL], now)
+        if todo[Action.PROBE]:
+            await self.probe(ds, states, todo[Action.PROBE], now)
+        if todo[Action.UNHEALTHY]:
+            await self.end_unhealthy(ds, states, todo[Action.UNHEALTHY])
         changed = {n: s for n, s in states.items() if s != ss.get(n)}
         items = [(engine.observed_key(n), s.to_json()) for n, s in changed.items()]
         for i in range(0, len(items), 500):
@@ -264,6 +269,43 @@ class Reconciler:
                 os.write(fd, f"{port} {node}\n".encode())
             finally:
                 os.close(fd)
+
+    # -- health (engines.health) ------------------------------------------------------------------
+    async def probe(self, ds: dict[str, Desired], states: dict[str, Observed], names: list[str], now: float) -> None:
+        """Probe the ports of the instances whose check is due, at their nodes' addresses, at once."""
+        addr = {n: a for n, a, _ in await self.engine.cli.nodes()}
+        limit = asyncio.Semaphore(PROBES_AT_ONCE)
+
+        async def one(name: str) -> None:
+            s = states[name]
+            unit = self.engine.unit(name, ds[name])
+            if unit is None or s.port is None or not s.host:
+                return
+            check = health.Check.of(unit)
+            async with limit:
+                ok, what = await health.probe(check, addr.get(s.host) or s.host, s.port)
+            h = health.Health(s.started_at or now, s.check_passed, s.check_failures)
+            health.record(h, ok)
+            s.check_passed, s.check_failures, s.probed_at, s.probe_note = h.passed, h.failures, now, what
+            if not ok and s.state == RUNNING:
+                self.event(ds[name], f"check failed ({what}): {h.failures} of {health.FAIL_LIMIT} in a row")
+            elif ok and s.state == STARTING and health.judge(check, h, time.time()) == "running":
+                s.state, s.message, s.since = RUNNING, "", time.time()
+                self.event(ds[name], f"healthy: {what}")
+
+        await asyncio.gather(*(one(n) for n in names))
+
+    async def end_unhealthy(self, ds: dict[str, Desired], states: dict[str, Observed], names: list[str]) -> None:
+        """Cancel the jobs of instances whose check failed too often: their end is judged as a loss, and
+        their restart policy brings them back."""
+        for name in names:
+            s = states[name]
+            self.event(
+                ds[name],
+                f"its check failed {s.check_failures} times in a row ({s.probe_note}): cancelling job {s.jobid}",
+            )
+            s.check_failures = 0  # cancelled once; the job's end comes with the next passes
+        await self.engine.cli.scancel([states[n].jobid for n in names])
 
     # -- restarts, cancels -----------------------------------------------------------------------
     async def resubmit(self, ds: dict[str, Desired], states: dict[str, Observed], names: list[str], now: float) -> None:
@@ -375,7 +417,7 @@ def _since(raw: str) -> float:
 RECONCILER = web.AppKey("reconciler", Reconciler)
 
 
-async def health(request: web.Request) -> web.Response:
+async def health_answer(request: web.Request) -> web.Response:
     reconciler = request.app[RECONCILER]
     return web.json_response(
         {
@@ -395,7 +437,7 @@ async def serve(settings: Settings) -> None:
     reconciler = Reconciler(settings)
     app = web.Application()
     app[RECONCILER] = reconciler
-    app.router.add_get("/health", health)
+    app.router.add_get("/health", health_answer)
     sock_path = settings.agent_socket_path
     async with daemon.serving(app, sock_path):
         log.info("nap agent (Slurm reconciler, pid %s) on %s", os.getpid(), sock_path)

@@ -93,6 +93,12 @@ class Observed(Record):
     failures: int = 0  # restarts in a row: the backoff step and the limit's count
     started_at: float | None = None
     started_job: str = ""  # the job whose program was seen started at started_at
+    # Its check (engines.health), for the program of started_job: a probe passed, failures in a row,
+    # when it was last probed and what that said.
+    check_passed: bool = False
+    check_failures: int = 0
+    probed_at: float = 0.0
+    probe_note: str = ""
     next_at: float | None = None  # a restart is due then
     ended_job: str = ""  # the last job whose end was handled
     ending_job: str = ""  # a job Slurm signalled, still ending in Slurm since ending_at

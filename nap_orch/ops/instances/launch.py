@@ -26,9 +26,13 @@ from ..context import Context
 SETTLED = ENDED | {RUNNING}
 
 
+FAILING_RESTARTS = 2  # restarts before it was ever healthy that make a starting instance failing
+
+
 def failing(st: InstanceStatus) -> bool:
-    """Started, but not healthy: it has already had to be restarted (a crash loop, a failing check)."""
-    return st.state == STARTING and st.restarts > 0
+    """Started, but not healthy: it has already had to be restarted twice (a crash loop, a failing
+    check). Once is not enough: a job lost with its node, then running, is not failing."""
+    return st.state == STARTING and st.restarts >= FAILING_RESTARTS
 
 
 def first_line(error: BaseException) -> str:

@@ -141,6 +141,8 @@ async def replace(ctx: Context, ready: Plan) -> dict[str, InstanceStatus]:
 
 async def roll(ctx: Context, user: str, app: str, to: int, batch: int | None = None) -> dict[str, Any]:
     """Roll the app's live common instances that are on another release onto release ``to``."""
+    if not await ctx.store.get_prefix(keys.INSTANCES_OF_APP.format(user=user, app=app)):
+        return {"rolled": 0, "batches": 0}  # no instance: no need to ask the engine
     rows = await ctx.engine.instances(f"{user}_{app}_common@")
     live = sorted((InstanceName.parse(st.name) for st in rows if st.state in LIVE), key=lambda i: i.number)
     held = {i.name: await reservation(ctx, i) for i in live}
