@@ -216,8 +216,8 @@ LOGGER = {
 }
 
 
-def test_app_logs_merged_and_followed(stack, user, file_server, tmp_path):
-    name, client = user
+def test_app_logs_merged_and_followed(engine_stack, engine_user, file_server, tmp_path):
+    stack, (name, client) = engine_stack, engine_user
     app = deployed(stack, client, file_server, tmp_path, LOGGER, app="logger")
     assert start(stack, client, app, {})["result"]["running"] == 2
     wait_until(

@@ -100,8 +100,8 @@ LIMITS = {
     "NAP_MAX_COUNT": "3000",
     "NAP_MAX_MPI_HOSTS": "4",
     "NAP_MPI_WAIT_TIMEOUT": "20",
-    # An instance is running once up 1 s (the default: 3 s), so that launches in tests settle sooner.
-    "NAP_MIN_HEALTHY": "1",
+    # An instance is running once up 0.5 s (the default: 3 s), so that launches in tests settle sooner.
+    "NAP_MIN_HEALTHY": "0.5",
     # The reaper sweeps every second and acts on a job stranded for 3 s (the defaults: 10 s and 30 s).
     "NAP_REAP_INTERVAL": "1",
     "NAP_REAP_GRACE": "3",

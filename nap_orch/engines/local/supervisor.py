@@ -475,6 +475,14 @@ class Supervisor:
         inst.health = health.Health(started_at=record.started_at or time.time(), passed=record.state == RUNNING)
         if inst.unit.check and inst.unit.env.get("PORT", "").isdigit():
             asyncio.create_task(self._probe_forever(inst, record.pid))
+        elif record.state == STARTING:  # healthy once up min_healthy: judged then (the sweep too)
+            h = inst.health
+            wait = max(0.0, h.started_at + inst.unit.min_healthy - time.time())
+            self.loop.call_later(wait + 0.01, self._judge_later, inst, h)
+
+    def _judge_later(self, inst: Instance, h: health.Health) -> None:
+        if inst.health is h and self.instances.get(inst.name) is inst and inst.record.state == STARTING:
+            self._judge(inst, health.Check.of(inst.unit))
 
     def _judge(self, inst: Instance, check: health.Check, what: str = "") -> None:
         if inst.health is None or not inst.alive or inst.stop_task is not None or inst.unhealthy:
