@@ -33,7 +33,8 @@ class Client:
         stream: bool = False,
         headers: dict | None = None,
     ):
-        url = self.url + path
+        # A name typed by a user (``nap get_port "a b"``) is quoted, and the API says what is wrong with it.
+        url = self.url + urllib.parse.quote(path, safe="/@:-._~")
         if query:
             url += "?" + urllib.parse.urlencode({k: v for k, v in query.items() if v is not None})
         body = json.dumps(data).encode() if data is not None else None

@@ -55,6 +55,44 @@ def wait_for(check, what: str, proc: subprocess.Popen, log: Path, timeout: float
     raise RuntimeError(f"{what} did not start (see {log}):\n{tail}")
 
 
+def port_taken(host: str, port: int) -> str | None:
+    """Why ``host:port`` can't be listened on (None: it can), naming the process that holds it where
+    this machine's /proc says."""
+    with socket.socket() as s:
+        try:
+            s.bind((host, port))
+            return None
+        except OSError as e:
+            why = e.strerror or str(e)
+    holder = port_holder(port)
+    return f"port {port} on {host} is taken ({why}" + (f"; held by {holder})" if holder else ")")
+
+
+def port_holder(port: int) -> str | None:
+    """``pid 123 (python3)`` of a process listening on TCP ``port``, from /proc (None if not found)."""
+    inodes = set()
+    for table in ("/proc/net/tcp", "/proc/net/tcp6"):
+        try:
+            rows = open(table).read().splitlines()[1:]
+        except OSError:
+            continue
+        for row in rows:
+            f = row.split()
+            if len(f) > 9 and f[3] == "0A" and int(f[1].rsplit(":", 1)[1], 16) == port:  # 0A: LISTEN
+                inodes.add(f"socket:[{f[9]}]")
+    if not inodes:
+        return None
+    for pid in filter(str.isdigit, os.listdir("/proc")):
+        try:
+            fds = os.listdir(f"/proc/{pid}/fd")
+            if any(os.readlink(f"/proc/{pid}/fd/{fd}") in inodes for fd in fds):
+                comm = open(f"/proc/{pid}/comm").read().strip()
+                return f"pid {pid} ({comm})"
+        except OSError:
+            continue
+    return None
+
+
 def _port_open(port: int) -> bool:
     with socket.socket() as s:
         return s.connect_ex(("127.0.0.1", port)) == 0
@@ -197,6 +235,11 @@ def up(settings: Settings, args) -> int:
     env["NAP_HOME"] = str(home)
     # What reaches the parts through NAP_HOME/platform.env only; what the caller set is kept as it is.
     private = {k: os.environ[k] for k in ("NAP_REDIS_URL", "NAP_ETCD") if os.environ.get(k)}
+    api_port = args.port or settings.api_port
+    taken = port_taken(settings.host, api_port)
+    if taken:  # before anything starts: another server must never answer for this stack
+        print(f"error: nap up can't serve its API: {taken}; stop it, or give another port with --port", file=sys.stderr)
+        return 1
     stack = Stack(settings)
     signal.signal(signal.SIGTERM, lambda *_: (_ for _ in ()).throw(KeyboardInterrupt()))
     try:
@@ -265,7 +308,6 @@ def up(settings: Settings, args) -> int:
         for key in private:
             env.pop(key, None)
         write_private(home / PLATFORM_ENV, "".join(f"{k}={v}\n" for k, v in private.items()))
-        api_port = args.port or settings.api_port
         # every engine's daemon (``nap agent``) answers on the agent socket
         proc, log = stack.spawn("agent", [sys.executable, "-m", "nap_orch", "agent"], env)
         sock = Settings.from_env(env).agent_socket_path
@@ -282,6 +324,9 @@ def up(settings: Settings, args) -> int:
             proc,
             log,
         )
+        time.sleep(0.2)
+        if proc.poll() is not None:  # the answer came from another server that took the port meanwhile
+            raise RuntimeError(f"the API exited (see {log}): {port_taken(settings.host, api_port) or 'port taken'}")
         etcd = private.get("NAP_ETCD", "").rpartition("@")[2]  # without its credentials
         store = f"etcd at {etcd}" if etcd else "Redis (no etcd configured or on PATH)"
         print(f"nap is up: NAP_URL=http://127.0.0.1:{api_port}")

@@ -290,3 +290,12 @@ def test_removed_instances_give_their_ports_back(narrow_stack, file_server, tmp_
         assert held == {}, held
         assert names_of(client, "web") == {}
     assert etcd_prefix(stack, f"/nap/instances/{name}/web/") == {}
+
+
+@pytest.mark.parametrize("name", ["a b", "x?y", "../../v1/users", "a%2fb", "é@1"])
+def test_a_malformed_instance_name_is_an_error_not_a_traceback(stack, user, name):
+    _, client = user
+    for op in ("get_port", "remove_app", "restart_app"):
+        out = run_cli(stack, client.token, op, name)
+        assert out.returncode == 1 and out.stderr.startswith("error: "), (op, out.stderr)
+        assert "Traceback" not in out.stderr

@@ -220,3 +220,18 @@ def test_an_api_without_an_admin_token_makes_one_on_its_first_start(tmp_path, re
             proc.send_signal(signal.SIGTERM)
             proc.wait(30)
     assert tokens[0] == tokens[1]
+
+
+def test_nap_up_refuses_a_taken_api_port_at_once(tmp_path):
+    """Another server on the API port: nap up says so and starts nothing, rather than print a URL that
+    another process answers."""
+    with socket.socket() as other:
+        other.bind(("127.0.0.1", 0))
+        other.listen()
+        port = other.getsockname()[1]
+        proc = nap_up(tmp_path / "home", port)
+        out, _ = proc.communicate(timeout=60)
+    assert proc.returncode == 1, out
+    assert f"port {port} on 127.0.0.1 is taken" in out and f"held by pid {os.getpid()} " in out, out
+    assert "nap is up" not in out and "NAP_TOKEN" not in out
+    assert not (tmp_path / "home" / "platform.env").exists()  # nothing started, nothing written
