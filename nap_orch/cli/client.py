@@ -18,6 +18,18 @@ class ApiError(Exception):
         super().__init__(f"HTTP {status}: {body.get('message') or body}")
 
 
+def request_target(path: str, query: dict | None = None) -> str:
+    """The path and query of a request. A name typed by a user (``nap get_port "a b"``) is quoted,
+    and the API says what is wrong with it; a query written into the path
+    (``/v1/events?follow=0``) is kept as it is, and ``query``'s items are added to it."""
+    path, sep, written = path.partition("?")
+    target = urllib.parse.quote(path, safe="/@:-._~") + sep + written
+    items = {k: v for k, v in (query or {}).items() if v is not None}
+    if items:
+        target += ("&" if sep else "?") + urllib.parse.urlencode(items)
+    return target
+
+
 class Client:
     def __init__(self, url: str | None = None, token: str | None = None, timeout: float = 30.0):
         self.url = (url or os.environ.get("NAP_URL") or "http://127.0.0.1:8470").rstrip("/")
@@ -33,10 +45,7 @@ class Client:
         stream: bool = False,
         headers: dict | None = None,
     ):
-        # A name typed by a user (``nap get_port "a b"``) is quoted, and the API says what is wrong with it.
-        url = self.url + urllib.parse.quote(path, safe="/@:-._~")
-        if query:
-            url += "?" + urllib.parse.urlencode({k: v for k, v in query.items() if v is not None})
+        url = self.url + request_target(path, query)
         body = json.dumps(data).encode() if data is not None else None
         req = urllib.request.Request(url, data=body, method=method)
         if body is not None:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import pytest
 
+from nap_orch.cli.client import request_target
 from nap_orch.cli.main import instance_row, parser
 
 
@@ -37,3 +38,14 @@ def test_count_must_be_a_whole_number_of_at_least_one(count, capsys):
 def test_count_given_or_left_to_the_profile():
     assert parser().parse_args(["start_common", "web", "a=1", "--count", "3"]).count == 3
     assert parser().parse_args(["start_common", "web", "a=1"]).count is None
+
+
+def test_request_targets_quote_names_and_keep_written_queries():
+    assert request_target("/v1/instances/a b/port") == "/v1/instances/a%20b/port"
+    assert request_target("/v1/instances/x@1?/port") == "/v1/instances/x@1?/port"
+    assert request_target("/v1/apps/a#b") == "/v1/apps/a%23b"
+    # a query written into the path stays a query (CI caught this one)
+    assert request_target("/v1/events?follow=0") == "/v1/events?follow=0"
+    assert request_target("/v1/events?follow=0", {"app": "web"}) == "/v1/events?follow=0&app=web"
+    assert request_target("/v1/jobs", {"state": "failed", "app": None}) == "/v1/jobs?state=failed"
+    assert request_target("/v1/jobs", {"app": None}) == "/v1/jobs"
