@@ -189,6 +189,9 @@ async def held(store: Store, user: str, owner: str, wait: float = 60.0) -> Async
     pause = 0.02
     try:
         while not await store.create(key, owner, lease):
+            if await store.get(key) == owner:  # an earlier attempt of the same job took it and died
+                await store.put(key, owner, lease)
+                break
             if time.monotonic() > deadline:
                 raise TimeoutError(f"the quota lock of {user} stayed taken for {wait:g} s")
             await asyncio.sleep(pause)

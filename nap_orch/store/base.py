@@ -17,14 +17,27 @@ IN_FLIGHT = 64
 
 
 async def gather_limited(coros: Iterable[Awaitable[T]], limit: int = IN_FLIGHT) -> list[T]:
-    """``asyncio.gather`` with at most ``limit`` of them awaited at once."""
+    """``asyncio.gather`` with at most ``limit`` of them awaited at once. When one fails, the others are
+    cancelled before its error is raised: none of them goes on writing behind its caller's back (a
+    launch retried after a Redis outage would race the creates of its own first attempt)."""
     sem = asyncio.Semaphore(limit)
 
     async def one(c: Awaitable[T]) -> T:
-        async with sem:
-            return await c
+        try:
+            async with sem:
+                return await c
+        finally:
+            if asyncio.iscoroutine(c):
+                c.close()  # one cancelled before its turn never started: it needn't be awaited
 
-    return await asyncio.gather(*(one(c) for c in coros))
+    tasks = [asyncio.ensure_future(one(c)) for c in coros]
+    try:
+        return await asyncio.gather(*tasks)
+    except BaseException:
+        for t in tasks:
+            t.cancel()
+        await asyncio.gather(*tasks, return_exceptions=True)
+        raise
 
 
 class LeaseExpired(LookupError):

@@ -107,8 +107,8 @@ def all_or_none(client, app: str, count: int, record: dict) -> None:
     if record["state"] == "succeeded":
         assert numbers == list(range(1, count + 1)), (record, numbers)
         assert {r["state"] for r in rows} == {"running"}, rows
-    else:
-        assert numbers == [], (record, numbers)  # a failed launch rolls back
+    else:  # a failed launch rolls back
+        assert numbers == [], (record.get("error"), record.get("attempts"), numbers[:5], len(numbers))
     assert len({json.dumps(r["port"], sort_keys=True) for r in rows}) == len(rows)
 
 

@@ -81,6 +81,10 @@ async def reserve_numbers(
         value = quotas.reservation(owner, memory, units, **more)
         got = await store.create_many([(keys.INSTANCE.format(user=user, app=app, n=n), value) for n in want])
         mine += [n for n, ok in zip(want, got) if ok]
+        # A number taken meanwhile may be this job's own (an earlier attempt's write that landed late).
+        lost = [n for n, ok in zip(want, got) if not ok]
+        held = await store.get_many([keys.INSTANCE.format(user=user, app=app, n=n) for n in lost])
+        mine += [n for n, v in zip(lost, held) if v is not None and _owner(v) == owner]
     return sorted(mine)
 
 

@@ -1,0 +1,77 @@
+"""A launch retried after an outage: its second attempt gets back what its first one took, and the
+first one's writes cannot go on behind it."""
+
+from __future__ import annotations
+
+import asyncio
+
+import pytest
+
+from nap_orch import keys
+from nap_orch.config import Settings
+from nap_orch.ops import quotas
+from nap_orch.ops.instances.launch import reserve_numbers
+from nap_orch.store.base import gather_limited
+from nap_orch.store.memory import MemoryStore
+
+
+async def test_a_failed_gather_cancels_the_rest_before_raising():
+    done: list[int] = []
+
+    async def write(i: int) -> int:
+        if i == 3:
+            raise ConnectionError("redis went away")
+        await asyncio.sleep(0.05)
+        done.append(i)
+        return i
+
+    with pytest.raises(ConnectionError):
+        await gather_limited((write(i) for i in range(20)), limit=4)
+    await asyncio.sleep(0.2)  # anything still running would have finished by now
+    assert done == []
+
+
+class LateWrites(MemoryStore):
+    """A store whose first prefix read misses what an earlier attempt's writes left (they land just
+    after it, as a write in flight during an outage can)."""
+
+    def __init__(self, late: dict[str, str]):
+        super().__init__()
+        self.late = late
+
+    async def get_prefix(self, prefix: str) -> dict[str, str]:
+        found = await super().get_prefix(prefix)
+        for key, value in self.late.items():
+            await self.put(key, value)
+        self.late = {}
+        return found
+
+
+async def test_a_retry_takes_back_its_own_numbers_even_when_they_land_late(tmp_path):
+    own = quotas.reservation("job1", None)
+    late = {keys.INSTANCE.format(user="alice", app="web", n=n): own for n in range(2, 6)}
+    store = LateWrites(late)
+    await store.put(keys.INSTANCE.format(user="alice", app="web", n=1), own)
+    numbers = await reserve_numbers(store, Settings(home=tmp_path), "alice", "web", 8, "job1")
+    assert numbers == list(range(1, 9))
+
+
+async def test_numbers_of_another_job_are_skipped(tmp_path):
+    store = LateWrites({keys.INSTANCE.format(user="alice", app="web", n=2): quotas.reservation("job0", None)})
+    numbers = await reserve_numbers(store, Settings(home=tmp_path), "alice", "web", 3, "job1")
+    assert numbers == [1, 3, 4]
+
+
+async def test_the_quota_lock_of_a_dead_attempt_of_the_same_job_is_taken_over_at_once():
+    store = MemoryStore()
+    dead = await store.lease(30)
+    await store.create(keys.QUOTA_LOCK.format(user="alice"), "job1", dead)
+    async with asyncio.timeout(2):  # not the 30 s of the dead attempt's lease
+        async with quotas.held(store, "alice", "job1"):
+            assert await store.get(keys.QUOTA_LOCK.format(user="alice")) == "job1"
+    assert await store.get(keys.QUOTA_LOCK.format(user="alice")) is None
+    # another job's lock is waited for
+    await store.create(keys.QUOTA_LOCK.format(user="alice"), "job0", dead)
+    with pytest.raises(TimeoutError):
+        async with quotas.held(store, "alice", "job1", wait=0.3):
+            pass
