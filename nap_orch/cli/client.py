@@ -105,7 +105,8 @@ class Client:
         )
 
     def events(self, path: str, last_id: str | None = None) -> Iterator[dict]:
-        """Server-sent events of a job or user stream, as dicts with ``id``, ``event`` and ``data``."""
+        """Server-sent events of a job or user stream, as dicts with ``id``, ``event`` and ``data``
+        (comment lines, the API's keep-alives, are skipped)."""
         headers = {"Last-Event-ID": last_id} if last_id else None
         with self._request("GET", path, stream=True, headers=headers) as resp:
             ev: dict = {}
@@ -116,6 +117,8 @@ class Client:
                         ev["data"] = json.loads(ev.get("data", "null"))
                         yield ev
                     ev = {}
+                    continue
+                if line.startswith(":"):  # a comment (the API's keep-alive), not a field of an event
                     continue
                 key, _, value = line.partition(": ")
                 ev[key] = value
