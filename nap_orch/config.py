@@ -154,6 +154,10 @@ class Settings:
     quota_apps: int = 100
     quota_disk: str = "50g"
     quota_memory: str = "512g"
+    # Prometheus metrics (``metrics.py``): the folder this host's platform processes write theirs into
+    # (empty: NAP_HOME/metrics), and a token that may read ``GET /metrics`` besides an admin's.
+    metrics_dir: str = ""
+    metrics_token: str = ""
 
     @classmethod
     def from_env(cls, env: Mapping[str, str] | None = None, **overrides: Any) -> Settings:
@@ -188,3 +192,7 @@ class Settings:
     @property
     def agent_socket_path(self) -> str:
         return self.agent_socket or str(self.home / "agent.sock")
+
+    @property
+    def metrics_path(self) -> Path:
+        return Path(self.metrics_dir).expanduser() if self.metrics_dir else self.home / "metrics"

@@ -14,15 +14,18 @@ from pathlib import Path
 import redis.asyncio as aioredis
 from aiohttp import web
 
+from .. import metrics
 from ..config import Settings
 from ..http import error_middleware
 from ..jobs.broker import POLICIES, QUEUE, make_broker, queue_keys, send
 from ..jobs.reaper import Reaper
 from ..jobs.records import JobStore
 from ..jobs.runner import Runtime
+from . import openapi
 from .auth import Users
-from .context import BROKER, LIMITS, RUNTIME, SETTINGS, STREAMS, USERS
+from .context import BROKER, LIMITS, OPENAPI, RUNTIME, SETTINGS, STREAMS, USERS
 from .limits import Limits, TokenCache
+from .metrics import scrape, timing
 from .routes import routes
 
 log = logging.getLogger("nap.api")
@@ -30,7 +33,7 @@ log = logging.getLogger("nap.api")
 
 def make_app(settings: Settings) -> web.Application:
     app = web.Application(
-        middlewares=[error_middleware((ConnectionError, aioredis.ConnectionError))], client_max_size=1024 * 1024
+        middlewares=[timing, error_middleware((ConnectionError, aioredis.ConnectionError))], client_max_size=1024 * 1024
     )
     app[SETTINGS] = settings
 
@@ -82,7 +85,20 @@ def make_app(settings: Settings) -> web.Application:
 
     app.cleanup_ctx.append(resources)
     app.add_routes(routes())
+    app.router.add_get("/metrics", scrape)
+    app.on_startup.append(_document)
     return app
+
+
+async def _document(app: web.Application) -> None:
+    """The OpenAPI document of the routes the application serves, once they are all added: a route
+    without its operation in ``openapi.py`` stops the API here rather than go undocumented."""
+    app[OPENAPI] = openapi.document(served(app))
+
+
+def served(app: web.Application) -> list[tuple[str, str]]:
+    """The (method, path) of every route of ``app``."""
+    return [(r.method, r.resource.canonical) for r in app.router.routes() if r.resource is not None]
 
 
 def first_admin_token(home: Path) -> tuple[str, bool]:
@@ -112,4 +128,5 @@ def _pool(url: str, size: int, wait: float) -> aioredis.BlockingConnectionPool:
 
 
 def serve(settings: Settings, port: int | None = None) -> None:
+    metrics.setup(settings.metrics_path)
     web.run_app(make_app(settings), host=settings.host, port=port or settings.api_port, print=None, access_log=None)

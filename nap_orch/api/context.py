@@ -18,6 +18,7 @@ USERS = web.AppKey("users", Users)
 BROKER = web.AppKey("broker", RedisBroker)
 LIMITS = web.AppKey("limits", Limits)
 STREAMS = web.AppKey("streams", JobStore)  # the job store on the event streams' own connections
+OPENAPI = web.AppKey("openapi", dict)  # the API's OpenAPI document, built from its routes at start
 
 
 async def caller(request: web.Request) -> str:

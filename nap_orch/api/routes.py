@@ -12,7 +12,7 @@ from aiohttp import web
 
 from ..config import Settings
 from ..errors import AppError, BadRequest, Conflict, Forbidden, NotFound
-from ..http import json_object, json_type
+from ..http import json_object, json_type, stream_error
 from ..jobs.broker import queued
 from ..jobs.records import JobState
 from ..names import InstanceName, check_name, control_character, split_service
@@ -20,7 +20,7 @@ from ..ops import apps, profile, quotas, releases
 from ..ops.fetch import check_url
 from ..ops.instances import lifecycle, manage
 from ..ops.instances.logs import app_logs
-from .context import RUNTIME, SETTINGS, USERS, caller
+from .context import OPENAPI, RUNTIME, SETTINGS, USERS, caller
 from .sse import job_events, user_events
 
 ALLOWED_SCHEMES = ("http", "https", "git", "git+http", "git+https")
@@ -414,8 +414,13 @@ def _lines_query(request: web.Request) -> tuple[int, bool]:
 async def _stream_lines(request: web.Request, lines) -> web.StreamResponse:
     resp = web.StreamResponse(headers={"Content-Type": "text/plain; charset=utf-8"})
     await resp.prepare(request)
-    async for line in lines:
-        await resp.write((line.rstrip("\n") + "\n").encode())
+    try:
+        async for line in lines:
+            await resp.write((line.rstrip("\n") + "\n").encode())
+    except ConnectionResetError:  # the client went away
+        return resp
+    except Exception as e:  # noqa: BLE001 - the status is sent: the stream's last line says why it ends
+        await resp.write(f"nap: the stream ended early: {stream_error(e)['message']}\n".encode())
     await resp.write_eof()
     return resp
 
@@ -534,9 +539,14 @@ async def health(request: web.Request) -> web.Response:
     return web.json_response({"ok": True})
 
 
+async def openapi_document(request: web.Request) -> web.Response:
+    return web.json_response(request.app[OPENAPI])
+
+
 def routes() -> list[web.RouteDef]:
     return [
         web.get("/health", health),
+        web.get("/v1/openapi.json", openapi_document),
         web.post("/v1/users", add_user),
         web.get("/v1/users/{name}/quota", get_quota),
         web.post("/v1/users/{name}/quota", set_quota),

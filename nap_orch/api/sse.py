@@ -10,13 +10,16 @@ stream ends.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import re
 import time
 
 from aiohttp import web
 
+from .. import metrics
 from ..errors import BadRequest
+from ..http import stream_error
 from .context import LIMITS, RUNTIME, SETTINGS, STREAMS, caller
 
 LOOK_MS = 5000
@@ -34,7 +37,8 @@ async def _sse(request: web.Request, user: str, stream: str, until_job_ends: str
         raise BadRequest("Last-Event-ID (or last_id) must be an event's id, <milliseconds>-<sequence>")
     follow = request.query.get("follow", "1") not in ("0", "false", "no")
     heartbeat = request.app[SETTINGS].sse_heartbeat
-    with request.app[LIMITS].stream(user):
+    open_streams = metrics.SSE_CLIENTS.labels("user" if until_job_ends is None else "job")
+    with request.app[LIMITS].stream(user), open_streams.track_inprogress():
         resp = web.StreamResponse(headers={"Content-Type": "text/event-stream", "Cache-Control": "no-cache"})
         await resp.prepare(request)
         wrote = time.monotonic()
@@ -60,8 +64,12 @@ async def _sse(request: web.Request, user: str, stream: str, until_job_ends: str
                 wrote = time.monotonic()
             else:
                 await resp.write_eof()
-        except ConnectionError:  # the client went away mid-write
+        except ConnectionResetError:  # the client went away mid-write
             pass
+        except Exception as e:  # noqa: BLE001 - the status is sent: a last event says why the stream ends
+            with contextlib.suppress(ConnectionResetError):
+                await resp.write(f"event: error\ndata: {json.dumps(stream_error(e))}\n\n".encode())
+                await resp.write_eof()
         finally:
             await events.aclose()
         return resp

@@ -1,13 +1,15 @@
 """The dramatiq actors: a few lines each; the work is the domain code in ``nap_orch.ops``.
 
-Importing this module sets up the broker from the environment's settings (dramatiq's workers import
-it through ``workers``: ``nap worker`` or ``dramatiq workers``).
+Importing this module sets up the broker and the process's metrics (``metrics.setup``) from the
+environment's settings (dramatiq's workers import it through ``workers``: ``nap worker`` or
+``dramatiq workers``).
 """
 
 from __future__ import annotations
 
 import dramatiq
 
+from .. import metrics
 from ..config import Settings
 from ..ops.deploy import deploy_app
 from ..ops.instances import lifecycle, rollout
@@ -18,6 +20,7 @@ from .runner import JobContext, Runtime, run_job
 
 settings = Settings.from_env()
 broker = setup(settings)
+metrics.setup(settings.metrics_path)
 _runtime: Runtime | None = None
 
 

@@ -26,6 +26,7 @@ from typing import Any, NamedTuple, TypeVar
 import redis.asyncio as aioredis
 import redis.exceptions
 
+from .. import metrics
 from ..errors import Conflict, NotFound
 from ..keys import RedisKeys
 
@@ -198,6 +199,7 @@ class JobStore:
                 p.hset(f"{queued.queue}.msgs", queued.message_id, queued.data)
                 p.rpush(queued.queue, queued.message_id)
             await p.execute()
+        metrics.JOBS_SUBMITTED.labels(kind).inc()
         return job
 
     async def get(self, job_id: str, user: str | None = None) -> Job:
@@ -277,6 +279,8 @@ class JobStore:
             return False
         for k, v in updates.items():
             setattr(job, k, v)
+        if to.terminal:  # counted once, by the process whose transition ended it
+            metrics.job_ended(job.kind, to.value, job.started, job.finished)
         return True
 
     async def start_attempt(self, job: Job) -> bool:

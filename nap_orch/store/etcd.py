@@ -12,6 +12,7 @@ import aetcd.exceptions
 from aetcd import rpc
 from aetcd import transactions as ops
 
+from .. import metrics
 from .base import Lease, LeaseExpired, Store
 
 T = TypeVar("T")
@@ -110,6 +111,7 @@ class EtcdLease(Lease):
         return f"EtcdLease(id={self.id:x}, ttl={self.ttl})"
 
 
+@metrics.store_calls("etcd")
 class EtcdStore(Store):
     """Keys and values in etcd, UTF-8 encoded.
 

@@ -19,6 +19,7 @@ import redis.exceptions
 from redis.asyncio.retry import Retry
 from redis.backoff import NoBackoff
 
+from .. import metrics
 from .base import Lease, LeaseExpired, Store
 
 # Every script touches keys it computes from its arguments: fine on one server (not on Redis Cluster).
@@ -151,6 +152,7 @@ class RedisLease(Lease):
         return f"RedisLease(id={self.id}, ttl={self.ttl})"
 
 
+@metrics.store_calls("redis")
 class RedisStore(Store):
     """Keys and values in Redis, laid out as the module's docstring says.
 

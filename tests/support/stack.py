@@ -48,6 +48,7 @@ class NapStack:
         passable(self.home)
         self.api_port = free_port()
         self.admin_token = "admin-" + uuid.uuid4().hex
+        self.metrics_token = "metrics-" + uuid.uuid4().hex
         self.namespace = "t" + uuid.uuid4().hex[:10]
         self.env = {
             **os.environ,
@@ -62,6 +63,7 @@ class NapStack:
             "NAP_LOCAL_SOURCES_DIR": str(self.home.parent),
             "NAP_FETCH_ALLOW": "127.0.0.0/8",
             "NAP_ADMIN_TOKEN": self.admin_token,
+            "NAP_METRICS_TOKEN": self.metrics_token,
             "NAP_API_PORT": str(self.api_port),
             # A dead worker's messages come back after 3 s; maintenance runs on most broker commands.
             "NAP_WORKER_HEARTBEAT_MS": "3000",

@@ -14,6 +14,7 @@ from urllib.parse import quote
 
 import aiohttp
 
+from ... import metrics
 from ...config import Settings
 from ...errors import BadRequest, Conflict, EngineError, NotFound
 from ..base import Engine, InstanceStatus, UnitSpec
@@ -22,6 +23,7 @@ _ERRORS = {400: BadRequest, 404: NotFound, 409: Conflict}
 log = logging.getLogger("nap.engine")
 
 
+@metrics.engine_calls("local")
 class LocalEngine(Engine):
     """Runs units through the nap agent on this host; instances are reached at ``settings.host``."""
 

@@ -23,6 +23,7 @@ import os
 
 from aiohttp import web
 
+from ... import metrics
 from ...config import Settings
 from ...errors import BadRequest
 from ...http import error_middleware, json_object
@@ -164,4 +165,5 @@ async def serve(settings: Settings, ready: asyncio.Event | None = None) -> None:
 def main() -> None:
     """``nap agent`` on the local engine: the agent with ``Settings.from_env()``, until SIGTERM or SIGINT."""
     settings = Settings.from_env()
+    metrics.setup(settings.metrics_path)
     daemon.run(lambda: serve(settings))

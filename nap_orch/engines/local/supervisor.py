@@ -50,7 +50,7 @@ import time
 import zlib
 from pathlib import Path
 
-from ... import units
+from ... import metrics, units
 from ...config import Settings
 from ...errors import BadRequest, Conflict, EngineError, NotFound
 from ...names import is_unit_name
@@ -340,6 +340,7 @@ class Supervisor:
         elif record.desired == RUNNING and record.state in (STARTING, RUNNING):
             if record.failures:
                 record.restarts += 1  # it was waiting for a restart
+                metrics.RESTARTS.labels("local").inc()
             self._spawn(inst)
 
     def _place(self, inst: Instance) -> None:
@@ -638,6 +639,7 @@ class Supervisor:
         if inst.record.desired != RUNNING or inst.alive or self.instances.get(inst.name) is not inst:
             return
         inst.record.restarts += 1
+        metrics.RESTARTS.labels("local").inc()
         self._spawn(inst)
         self._save_tail()
 
@@ -787,6 +789,7 @@ class Supervisor:
                             self._event(inst, f"a process was killed for memory (MemoryMax={inst.unit.memory_max})")
                             self._signal(inst, signal.SIGKILL)
                 self._save_tail()
+                metrics.set_instances("local", (i.record.state for i in self.instances.values()))
             except Exception:  # keep supervising whatever one instance did
                 log.exception("sweep failed")
 

@@ -43,7 +43,7 @@ from collections.abc import AsyncIterator, Callable, Iterable
 from pathlib import Path
 from typing import TypeVar
 
-from ... import keys, units
+from ... import keys, metrics, units
 from ...config import Settings
 from ...errors import BadRequest, EngineError, Exhausted, NotFound
 from ...names import PROFILE, InstanceName, Kind
@@ -64,6 +64,7 @@ CANCEL_WAIT = 20.0
 R = TypeVar("R", bound=Record)
 
 
+@metrics.engine_calls("slurm")
 class SlurmEngine(Engine):
     """Runs units as Slurm jobs of the cluster that ``SLURM_CONF`` (or the default config) names."""
 

@@ -32,7 +32,7 @@ from pathlib import Path
 
 from aiohttp import web
 
-from ... import keys
+from ... import keys, metrics
 from ...config import Settings
 from ...errors import EngineError, NapError
 from ...names import InstanceName
@@ -185,6 +185,7 @@ class Reconciler:
             await self.release_leaked_ports(ds)
         self.passes += 1
         self.instances = len(states)
+        metrics.set_instances("slurm", (s.state for s in states.values()))
         return any(s.state == STARTING and ds[n].desired == RUNNING for n, s in states.items())
 
     def event(self, d: Desired, text: str) -> None:
@@ -335,6 +336,7 @@ class Reconciler:
                 s.jobid = s.row = f"{jobid}_{task}"
                 s.submitted, s.next_at, s.started_at = now, None, None
                 s.restarts += 1
+                metrics.RESTARTS.labels("slurm").inc()
                 s.state, s.since = STARTING, now
                 s.message = f"restart {s.failures} of {unit.restart_limit}: job {s.jobid}"
                 self.event(ds[unit.name], s.message)
@@ -447,4 +449,5 @@ async def serve(settings: Settings) -> None:
 def main() -> None:
     """``nap agent`` on the Slurm engine, until SIGTERM or SIGINT."""
     settings = Settings.from_env()
+    metrics.setup(settings.metrics_path)
     daemon.run(lambda: serve(settings))
