@@ -312,10 +312,15 @@ def test_cancel_a_running_launch_rolls_it_back(engine_stack, engine_user, file_s
     name, client = engine_user
     deployed(engine_stack, client, file_server, tmp_path, {"profile": "command: sleep 100000\n"}, "undo")
     job = client.post("/v1/apps/undo/instances", {"params": {}, "count": 400})["job"]  # two batches
+    progress = []
     for ev in client.events(f"/v1/jobs/{job}/events"):
+        if ev["event"] == "progress":
+            progress.append(ev["data"])
         if ev["event"] == "log" and ev["data"]["line"].startswith("submitted 250/"):
             client.post(f"/v1/jobs/{job}/cancel")
             break
+    # the true total is known before the first folders are copied (its two phases: 2 x 400)
+    assert progress and (progress[0]["done"], progress[0]["total"]) == (0, 800), progress[:3]
     # A rollback on Slurm waits up to CANCEL_WAIT (20 s) once Slurm accepted the cancel (README, Faults).
     rec = engine_stack.wait_job(client, job, timeout=120)
     assert rec["state"] == "cancelled", rec

@@ -173,6 +173,8 @@ async def start_common(
         await ctx.log(
             f"reserved instance numbers {numbers[0]}..{numbers[-1]}" + (f" and ports on {host}" if host else "")
         )
+        # the true total at once: the first batch of folders takes a while to copy
+        await ctx.progress(0, len(slots) * 2, phase="submitted", force=True)
         await ctx.check()
 
         def prepare(chunk: list[Slot]) -> list[UnitSpec]:
