@@ -21,6 +21,7 @@ from ..jobs.broker import POLICIES, QUEUE, make_broker, queue_keys, send
 from ..jobs.reaper import Reaper
 from ..jobs.records import JobStore
 from ..jobs.runner import Runtime
+from ..web import routes as web_routes
 from . import openapi
 from .auth import Users
 from .context import BROKER, LIMITS, OPENAPI, RUNTIME, SETTINGS, STREAMS, USERS
@@ -85,6 +86,7 @@ def make_app(settings: Settings) -> web.Application:
 
     app.cleanup_ctx.append(resources)
     app.add_routes(routes())
+    app.add_routes(web_routes())  # the web manager's page at /
     app.router.add_get("/metrics", scrape)
     app.on_startup.append(_document)
     return app

@@ -257,6 +257,24 @@ OPERATIONS: dict[tuple[str, str], dict[str, Any]] = {
         403,
         tag="server",
     ),
+    ("GET", "/"): op(
+        "the web manager: a page that signs in with a token and shows apps, instances and jobs",
+        ok(200, {"type": "string"}, "the page", media="text/html"),
+        public=True,
+        tag="web",
+    ),
+    ("GET", "/web/app.js"): op(
+        "the web manager's script",
+        ok(200, {"type": "string"}, "the script", media="text/javascript"),
+        public=True,
+        tag="web",
+    ),
+    ("GET", "/web/style.css"): op(
+        "the web manager's style sheet",
+        ok(200, {"type": "string"}, "the style sheet", media="text/css"),
+        public=True,
+        tag="web",
+    ),
     ("POST", "/v1/users"): op(
         "add a user (admin): its token is in the answer, once",
         ok(201, ref("User"), "the user and its token"),
