@@ -139,6 +139,11 @@ def test_launch_with_parameters_shows_instances_running_live_as_text(page, stack
     for n in (1, 2, 3):
         expect(page.locator(f'#instances tr[data-name="{name}_web_common@{n}"] .st')).to_have_text("running")
     expect(page.locator(".job-panel .state")).to_have_text("succeeded")  # the job publishes the ports last
+    # the launch's progress counts its instances (not its two phases' doubled count)
+    expect(page.locator(".job-panel .progress-text")).to_have_text("3 of 3 settled")
+    # the app's logs: every instance's journal merged, each line marked with its instance
+    page.get_by_role("button", name="Show logs").click()
+    expect(page.locator("#app-logs")).to_contain_text(f"{name}_web_common@3")
     for n in (1, 2, 3):
         port = client.get(f"/v1/instances/{name}_web_common@{n}/port")
         link = page.locator(f'#instances tr[data-name="{name}_web_common@{n}"] a.port')

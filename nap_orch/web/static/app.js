@@ -163,6 +163,19 @@ function poll(fn, ms, signal) {
   return tick();
 }
 
+// A launch counts its two phases out of twice its instances ("submitted", then "running" counting on
+// as instances settle): each phase is shown out of the instances, as the CLI does.
+const LAUNCH_PHASES = { submitted: "submitted", running: "settled" };
+function progressLabel(d) {
+  const done = d.done || 0;
+  const total = d.total || 0;
+  if (LAUNCH_PHASES[d.phase] && total > 0 && total % 2 === 0) {
+    const half = total / 2;
+    return `${d.phase === "running" ? Math.max(0, done - half) : done} of ${half} ${LAUNCH_PHASES[d.phase]}`;
+  }
+  return `${done} of ${total}` + (d.phase ? ` ${d.phase}` : "");
+}
+
 // A job's panel: its state, a progress bar and its log lines, followed live until it ends.
 function jobPanel(jobId, title, onEnd) {
   const state = el("span", {}, stateBadge("queued"));
@@ -192,7 +205,7 @@ function jobPanel(jobId, title, onEnd) {
           } else if (type === "progress") {
             bar.max = d.total || 1;
             bar.value = d.done || 0;
-            progressText.textContent = `${d.done} of ${d.total}`;
+            progressText.textContent = progressLabel(d);
           } else if (type === "error") showError(error, new ApiError(0, d.error, d.message || "the stream ended early"));
         },
         ctl.signal,
@@ -453,6 +466,18 @@ async function appPage(signal, app) {
     jobButton("Restart all", "POST", `${base}/restart`, undefined, ops),
     destroy);
 
+  // Every instance's journal, merged in time order (nap logs): the last N lines when asked.
+  const logs = el("pre", { id: "app-logs", role: "log", "aria-live": "off" });
+  const logsError = el("div");
+  const logLines = el("select", { id: "app-logs-lines", "aria-label": "lines" }, ...[100, 1000].map((n) => el("option", { value: n, text: `last ${n}` })));
+  const showLogs = el("button", { type: "button", id: "app-logs-show", class: "secondary", text: "Show logs" });
+  showLogs.addEventListener("click", () => {
+    logs.replaceChildren();
+    logsError.replaceChildren();
+    streamLines(`${base}/logs?lines=${enc(logLines.value)}`, (line) => logs.append(line + "\n"), signal)
+      .catch((e) => showError(logsError, e));
+  });
+
   const releases = el("div", { id: "releases" });
   const profile = el("pre", { id: "app-profile" });
   setPage(
@@ -466,6 +491,7 @@ async function appPage(signal, app) {
     el("section", {}, el("h2", { text: "Instances" }), table.node),
     el("section", {}, el("h2", { text: info.kind === "common" ? "Launch instances" : "Start an MPI run" }), launch),
     el("section", {}, el("h2", { text: "Whole app" }), appOps, scale, ops),
+    el("section", {}, el("h2", { text: "Logs" }), el("div", { class: "row" }, logLines, showLogs), logs, logsError),
     el("section", {}, el("h2", { text: "Releases" }), releases),
     el("section", {}, el("h2", { text: "Profile" }), profile),
   );
