@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import builtins
 import hashlib
 import json
 import secrets
@@ -89,3 +90,11 @@ class Users:
 
     async def list(self) -> list[str]:
         return sorted(k.decode() for k in await self.redis.hkeys(self.keys.users))
+
+    async def records(self) -> builtins.list[dict[str, Any]]:
+        """Every user's name, whether an admin, and when it was added (never its token's digest)."""
+        out = []
+        for name, raw in (await self.redis.hgetall(self.keys.users)).items():
+            record = json.loads(raw)
+            out.append({"name": name.decode(), "admin": bool(record.get("admin")), "created": record.get("created")})
+        return sorted(out, key=lambda r: r["name"])

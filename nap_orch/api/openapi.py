@@ -283,6 +283,28 @@ OPERATIONS: dict[tuple[str, str], dict[str, Any]] = {
         request=body(obj(["name"], name=STR, admin=BOOL)),
         tag="users",
     ),
+    ("GET", "/v1/users"): op(
+        "every user with its apps (admin)",
+        ok(
+            200,
+            obj(
+                ["users"],
+                users={
+                    "type": "array",
+                    "items": obj(
+                        ["name", "admin", "apps"],
+                        name=STR,
+                        admin=BOOL,
+                        created=nullable(NUM),
+                        apps={"type": "array", "items": STR},
+                    ),
+                },
+            ),
+            "the users",
+        ),
+        403,
+        tag="users",
+    ),
     ("GET", "/v1/users/{name}/quota"): op(
         "a user's quotas and what it uses (an admin, or that user)",
         ok(200, ref("Quota"), "limits and usage"),

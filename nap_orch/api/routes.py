@@ -116,6 +116,18 @@ async def add_user(request: web.Request) -> web.Response:
     return web.json_response({"name": name, "token": token}, status=201)
 
 
+async def list_users(request: web.Request) -> web.Response:
+    """The admin's view: every user, with its apps."""
+    await caller(request)
+    if not request["admin"]:
+        raise Forbidden("only an admin can list users")
+    settings = request.app[SETTINGS]
+    users = await request.app[USERS].records()
+    for u in users:
+        u["apps"] = apps.list_apps(settings, u["name"])
+    return web.json_response({"users": users})
+
+
 async def quota_user(request: web.Request) -> str:
     """The user named in the path, for the caller to see (an admin, or that user) or to change (an
     admin); 404 for a user that does not exist."""
@@ -548,6 +560,7 @@ def routes() -> list[web.RouteDef]:
         web.get("/health", health),
         web.get("/v1/openapi.json", openapi_document),
         web.post("/v1/users", add_user),
+        web.get("/v1/users", list_users),
         web.get("/v1/users/{name}/quota", get_quota),
         web.post("/v1/users/{name}/quota", set_quota),
         web.get("/v1/whoami", whoami),

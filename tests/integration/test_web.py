@@ -18,6 +18,7 @@ from pathlib import Path
 
 import pytest
 
+from nap_orch.cli.client import ApiError
 from tests.support.apps import SERVER_PY, WEB_PROFILE, write_app
 from tests.support.fixtures import LIMITS
 from tests.support.flows import deploy, publish
@@ -219,6 +220,14 @@ def test_the_admin_adds_a_user_and_sees_its_token_once(page, stack):
     page.get_by_role("button", name="Add user").click()
     token = page.locator("#new-user code.token").inner_text()
     assert stack.client(token).get("/v1/whoami")["name"] == added
+    # the users' list follows: the new user, no apps yet; the admin marked as one
+    expect(page.locator(f'#users tr[data-user="{added}"]')).to_contain_text("none")
+    expect(page.locator('#users tr[data-user="admin"]')).to_contain_text("admin")
+    listed = {u["name"]: u for u in stack.client(stack.admin_token).get("/v1/users")["users"]}
+    assert listed[added]["apps"] == [] and not listed[added]["admin"] and "token_sha256" not in listed[added]
+    with pytest.raises(ApiError) as e:  # only an admin lists users
+        stack.client(token).get("/v1/users")
+    assert e.value.status == 403
     page.locator("#user-name").fill(added)
     page.get_by_role("button", name="Add user").click()  # again: the API's conflict, as a message
     expect(page.get_by_role("alert")).to_be_visible()

@@ -623,6 +623,7 @@ async function adminPage() {
       out.replaceChildren(el("div", { class: "notice", role: "status" },
         el("p", { text: `User ${user.name} added. Its token, shown this once:` }), el("code", { class: "token", text: user.token })));
       f.reset();
+      await listUsers().catch((e) => showError(users, e));
     },
     field("User name", { name: "name", id: "user-name", required: true }),
     el("label", { class: "inline" }, el("input", { type: "checkbox", name: "admin", id: "user-admin" }), " admin"),
@@ -640,8 +641,22 @@ async function adminPage() {
     field("User name", { name: "name", id: "quota-name", required: true }),
     el("button", { type: "submit", text: "Show quota" }),
   );
-  setPage("Admin", el("section", {}, el("h2", { text: "Add a user" }), add, out),
+  // Every user and its apps (an admin sees them listed; each app's page is its own user's).
+  const users = el("div", { id: "users" });
+  const listUsers = async () => {
+    const { users: rows } = await api("GET", "/v1/users");
+    const table = el("table", {},
+      el("thead", {}, el("tr", {}, ...["User", "Admin", "Added", "Apps"].map((h) => el("th", { text: h })))),
+      el("tbody", {}, ...rows.map((u) => el("tr", { "data-user": u.name },
+        el("td", { text: u.name }), el("td", { text: u.admin ? "admin" : "" }),
+        el("td", { text: localTime(u.created) }), el("td", { text: u.apps.join(", ") || "none" })))));
+    users.replaceChildren(el("div", { class: "table-wrap" }, table));
+    labelCells(table);
+  };
+  setPage("Admin", el("section", {}, el("h2", { text: "Users and their apps" }), users),
+    el("section", {}, el("h2", { text: "Add a user" }), add, out),
     el("section", {}, el("h2", { text: "A user's quota" }), quota, quotaOut));
+  await listUsers().catch((e) => showError(users, e));
 }
 
 // -- routing ---------------------------------------------------------------------------------------
