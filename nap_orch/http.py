@@ -51,13 +51,13 @@ def error_middleware(unavailable: tuple[type[BaseException], ...] = (ConnectionE
     return errors
 
 
-def stream_error(e: Exception) -> dict[str, str]:
+def stream_error(e: Exception, unavailable: tuple[type[BaseException], ...] = (ConnectionError,)) -> dict[str, str]:
     """The error body of an exception raised by a stream whose status is sent already (the middleware
     can no longer answer for it, so the stream says it in its own form): one of ours, an unreachable
-    backend (``unavailable``), else ``internal`` (logged)."""
+    backend (``unavailable``, as the middleware's), else ``internal`` (logged)."""
     if isinstance(e, NapError):
         return e.to_json()
-    if isinstance(e, ConnectionError) or type(e).__name__ in ("ConnectionError", "TimeoutError"):
+    if isinstance(e, unavailable):
         return {"error": "unavailable", "message": str(e)}
     log.exception("error in a stream")
     return {"error": "internal", "message": "internal error (see the log)"}

@@ -24,7 +24,7 @@ from ..jobs.runner import Runtime
 from ..web import routes as web_routes
 from . import openapi
 from .auth import Users
-from .context import BROKER, LIMITS, OPENAPI, RUNTIME, SETTINGS, STREAMS, USERS
+from .context import BROKER, LIMITS, OPENAPI, RUNTIME, SETTINGS, STREAMS, UNAVAILABLE, USERS
 from .limits import Limits, TokenCache
 from .metrics import scrape, timing
 from .routes import routes
@@ -33,9 +33,7 @@ log = logging.getLogger("nap.api")
 
 
 def make_app(settings: Settings) -> web.Application:
-    app = web.Application(
-        middlewares=[timing, error_middleware((ConnectionError, aioredis.ConnectionError))], client_max_size=1024 * 1024
-    )
+    app = web.Application(middlewares=[timing, error_middleware(UNAVAILABLE)], client_max_size=1024 * 1024)
     app[SETTINGS] = settings
 
     async def resources(app: web.Application) -> AsyncIterator[None]:

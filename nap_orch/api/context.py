@@ -3,6 +3,7 @@ application under typed keys) and the caller."""
 
 from __future__ import annotations
 
+import redis.exceptions
 from aiohttp import web
 from dramatiq.brokers.redis import RedisBroker
 
@@ -11,6 +12,9 @@ from ..jobs.records import JobStore
 from ..jobs.runner import Runtime
 from .auth import Users
 from .limits import Limits
+
+# What means a backend is unreachable (answered 503 ``unavailable``, or said so by a stream).
+UNAVAILABLE = (ConnectionError, redis.exceptions.ConnectionError, redis.exceptions.TimeoutError)
 
 SETTINGS = web.AppKey("settings", Settings)
 RUNTIME = web.AppKey("runtime", Runtime)

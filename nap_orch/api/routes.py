@@ -20,7 +20,7 @@ from ..ops import apps, profile, quotas, releases
 from ..ops.fetch import check_url
 from ..ops.instances import lifecycle, manage
 from ..ops.instances.logs import app_logs
-from .context import OPENAPI, RUNTIME, SETTINGS, USERS, caller
+from .context import OPENAPI, RUNTIME, SETTINGS, UNAVAILABLE, USERS, caller
 from .sse import job_events, user_events
 
 ALLOWED_SCHEMES = ("http", "https", "git", "git+http", "git+https")
@@ -432,7 +432,7 @@ async def _stream_lines(request: web.Request, lines) -> web.StreamResponse:
     except ConnectionResetError:  # the client went away
         return resp
     except Exception as e:  # noqa: BLE001 - the status is sent: the stream's last line says why it ends
-        await resp.write(f"nap: the stream ended early: {stream_error(e)['message']}\n".encode())
+        await resp.write(f"nap: the stream ended early: {stream_error(e, UNAVAILABLE)['message']}\n".encode())
     await resp.write_eof()
     return resp
 

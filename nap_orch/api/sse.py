@@ -20,7 +20,7 @@ from aiohttp import web
 from .. import metrics
 from ..errors import BadRequest
 from ..http import stream_error
-from .context import LIMITS, RUNTIME, SETTINGS, STREAMS, caller
+from .context import LIMITS, RUNTIME, SETTINGS, STREAMS, UNAVAILABLE, caller
 
 LOOK_MS = 5000
 EVENT_ID = re.compile(r"[0-9]{1,20}(-[0-9]{1,20})?")
@@ -68,7 +68,7 @@ async def _sse(request: web.Request, user: str, stream: str, until_job_ends: str
             pass
         except Exception as e:  # noqa: BLE001 - the status is sent: a last event says why the stream ends
             with contextlib.suppress(ConnectionResetError):
-                await resp.write(f"event: error\ndata: {json.dumps(stream_error(e))}\n\n".encode())
+                await resp.write(f"event: error\ndata: {json.dumps(stream_error(e, UNAVAILABLE))}\n\n".encode())
                 await resp.write_eof()
         finally:
             await events.aclose()

@@ -69,18 +69,8 @@ def _count(text: str) -> int:
     return n
 
 
-def _scale_count(text: str) -> int:
-    """scale's N: a whole number of at least 0 (0 removes every live instance)."""
-    try:
-        n = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"must be a whole number, not {text!r}") from None
-    if n < 0:
-        raise argparse.ArgumentTypeError(f"must be 0 or more, not {n}")
-    return n
-
-
-def _lines(text: str) -> int:
+def _not_negative(text: str) -> int:
+    """A whole number of at least 0: scale's N (0 removes every live instance), a count of lines."""
     try:
         n = int(text)
     except ValueError:
@@ -204,7 +194,7 @@ def parser() -> NapParser:
     op("get_port", "host:port of a running instance").add_argument("instance", help=instance)
     s = op("get_journal", "an instance's journal")
     s.add_argument("instance", help=instance)
-    s.add_argument("-n", "--lines", type=_lines, default=100, help="the last N lines (default: 100)")
+    s.add_argument("-n", "--lines", type=_not_negative, default=100, help="the last N lines (default: 100)")
     s.add_argument(
         "-f", "--follow", action="store_true", help="go on with new lines until the instance stops (or Ctrl-C)"
     )
@@ -227,12 +217,14 @@ def parser() -> NapParser:
     wait(s)
     s = op("scale", "start or remove instances until N of an app's run (a job)")
     s.add_argument("service", help=service)
-    s.add_argument("count", type=_scale_count, help="how many live instances to have (0 removes them all)")
+    s.add_argument("count", type=_not_negative, help="how many live instances to have (0 removes them all)")
     s.add_argument("params", nargs="*", help="for new instances (default: those of the last one)")
     wait(s)
     s = op("logs", "every instance's journal of an app, merged in time order")
     s.add_argument("service", help=service)
-    s.add_argument("-n", "--lines", type=_lines, default=100, help="the last N lines of each instance (default: 100)")
+    s.add_argument(
+        "-n", "--lines", type=_not_negative, default=100, help="the last N lines of each instance (default: 100)"
+    )
     s.add_argument("-f", "--follow", action="store_true", help="go on with new lines and new instances until Ctrl-C")
     for name, what in (
         ("start_common", "start instances of an app (a job)"),

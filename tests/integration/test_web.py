@@ -36,7 +36,7 @@ XSS_SCRIPT = "<script>alert(1)</script>"
 # The test app's server says so in its journal each time it answers a request.
 LOGGING_SERVER = SERVER_PY.replace("c.close()", "print('served a request', flush=True); c.close()")
 SCREENSHOTS = os.environ.get("NAP_SCREENSHOTS")
-TIMEOUT = 30_000  # ms, for what waits on a job or an instance
+TIMEOUT = 120_000  # ms, for what waits on a job or an instance (a launch waits as long for its instances)
 
 
 @pytest.fixture(scope="module")
@@ -172,7 +172,7 @@ def test_an_instance_page_follows_its_journal_and_shows_markup_as_text(page, sta
     assert page.locator("main img, main script").count() == 0
 
     before = journal.inner_text().count("served a request")
-    with socket.create_connection((port["host"], port["port"]), timeout=5) as s:
+    with socket.create_connection((port["host"], port["port"]), timeout=30) as s:
         assert s.recv(100).startswith(b"hello from")
     page.wait_for_function(
         "n => document.querySelector('#journal').textContent.split('served a request').length - 1 > n", arg=before
@@ -272,15 +272,15 @@ def test_the_390_px_layout_has_no_horizontal_scroll(browser, stack, tenant):
     launched(stack, client)
     try:
         sign_in(page, stack, client.token, name)
+        # each page measured once its content is there (rows, journal lines), not after a fixed pause
         for where, ready in (
-            ("#/apps", "#apps"),
-            ("#/apps/web", "#instances"),
-            (f"#/instances/{urllib.parse.quote(name + '_web_common@1')}", "#journal"),
-            ("#/jobs", "#jobs"),
+            ("#/apps", "#apps tbody tr"),
+            ("#/apps/web", "#instances tbody tr"),
+            (f"#/instances/{urllib.parse.quote(name + '_web_common@1')}", "#journal:not(:empty)"),
+            ("#/jobs", "#jobs tbody tr"),
         ):
             page.goto(f"{stack.url}/{where}")
-            expect(page.locator(ready)).to_be_visible()
-            page.wait_for_timeout(300)
+            expect(page.locator(ready).first).to_be_visible()
             width = page.evaluate("document.scrollingElement.scrollWidth")
             assert width <= 390, (where, width)
             if ready == "#instances":

@@ -16,18 +16,21 @@ from nap_orch.store.memory import MemoryStore
 
 
 async def test_a_failed_gather_cancels_the_rest_before_raising():
+    go = asyncio.Event()
     done: list[int] = []
 
     async def write(i: int) -> int:
         if i == 3:
             raise ConnectionError("redis went away")
-        await asyncio.sleep(0.05)
+        await go.wait()  # the others are in flight, or waiting their turn, when write 3 fails
         done.append(i)
         return i
 
     with pytest.raises(ConnectionError):
         await gather_limited((write(i) for i in range(20)), limit=4)
-    await asyncio.sleep(0.2)  # anything still running would have finished by now
+    go.set()
+    for _ in range(20):  # any write still alive gets its turns now
+        await asyncio.sleep(0)
     assert done == []
 
 
@@ -66,12 +69,12 @@ async def test_the_quota_lock_of_a_dead_attempt_of_the_same_job_is_taken_over_at
     store = MemoryStore()
     dead = await store.lease(30)
     await store.create(keys.QUOTA_LOCK.format(user="alice"), "job1", dead)
-    async with asyncio.timeout(2):  # not the 30 s of the dead attempt's lease
-        async with quotas.held(store, "alice", "job1"):
-            assert await store.get(keys.QUOTA_LOCK.format(user="alice")) == "job1"
+    # wait=0: taken over on the first look, not after the 30 s of the dead attempt's lease
+    async with quotas.held(store, "alice", "job1", wait=0):
+        assert await store.get(keys.QUOTA_LOCK.format(user="alice")) == "job1"
     assert await store.get(keys.QUOTA_LOCK.format(user="alice")) is None
     # another job's lock is waited for
     await store.create(keys.QUOTA_LOCK.format(user="alice"), "job0", dead)
     with pytest.raises(TimeoutError):
-        async with quotas.held(store, "alice", "job1", wait=0.3):
+        async with quotas.held(store, "alice", "job1", wait=0):
             pass
