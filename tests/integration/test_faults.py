@@ -105,8 +105,12 @@ def all_or_none(client, app: str, count: int, record: dict) -> None:
     rows = client.get(f"/v1/apps/{app}/instances")["instances"]
     numbers = sorted(int(r["instance"]) for r in rows)
     if record["state"] == "succeeded":
-        assert numbers == list(range(1, count + 1)), (record, numbers)
+        # all of them, once each, and nothing else reserved: a retried launch may skip numbers that its
+        # first attempt's writes never landed on (a known gap in the numbering, see the note)
+        assert len(numbers) == count == len(set(numbers)), (record, numbers)
         assert {r["state"] for r in rows} == {"running"}, rows
+        whoami = client.get("/v1/whoami")["name"]
+        assert client.get(f"/v1/users/{whoami}/quota")["usage"]["instances"] == count
     else:  # a failed launch rolls back
         assert numbers == [], (record.get("error"), record.get("attempts"), numbers[:5], len(numbers))
     assert len({json.dumps(r["port"], sort_keys=True) for r in rows}) == len(rows)
