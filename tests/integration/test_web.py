@@ -1,6 +1,6 @@
 """The web manager in a real browser (Playwright driving Debian's chromium, headless) against the real
-stack: sign in, deploy, launch, follow instances and journals live, cancel a job, tenants kept apart,
-user strings shown as text, the Content-Security-Policy, and a 390 px wide layout.
+stack: sign in, deploy, launch, follow instances and journals live, cancel a queued and a running job,
+tenants kept apart, user strings shown as text, the Content-Security-Policy, and a 390 px wide layout.
 
 NAP_SCREENSHOTS=docs saves the main pages as PNG files there (for the README)."""
 
@@ -37,6 +37,8 @@ XSS_SCRIPT = "<script>alert(1)</script>"
 LOGGING_SERVER = SERVER_PY.replace("c.close()", "print('served a request', flush=True); c.close()")
 SCREENSHOTS = os.environ.get("NAP_SCREENSHOTS")
 TIMEOUT = 120_000  # ms, for what waits on a job or an instance (a launch waits as long for its instances)
+# expect()'s own default is 5 s, not the context's: as long, since an expectation may wait on a job too
+expect.set_options(timeout=TIMEOUT)
 
 
 @pytest.fixture(scope="module")
@@ -314,3 +316,26 @@ def test_a_queued_job_is_cancelled_from_its_page(browser, tmp_path_factory, redi
     finally:
         context.close()
         stack.stop()
+
+
+def test_a_running_job_is_cancelled_from_its_page(page, stack, file_server):
+    """A deploy whose download never ends (the file server holds its answer open, a byte at a time) runs
+    until it is cancelled from its page; the page follows it from running to cancelled."""
+    name, client = stack.add_user()
+    url = file_server.hold()
+    try:
+        job = client.post("/v1/apps", {"app": "held", "url": url})["job"]
+        sign_in(page, stack, client.token, name)
+        page.goto(f"{stack.url}/#/jobs/{job}")
+        expect(page.locator(".job-panel .log")).to_contain_text("downloading")  # it runs, and waits on the answer
+        expect(page.locator("#job-state .state")).to_have_text("running")
+        page.get_by_role("button", name="Cancel job").click()
+        expect(page.locator(".job-panel .log")).to_contain_text("cancel requested")
+        expect(page.locator("#job-state .state")).to_have_text("cancelled")
+        expect(page.locator(".job-panel .state")).to_have_text("cancelled")
+        expect(page.locator("#cancel")).to_be_hidden()
+        got = client.get(f"/v1/jobs/{job}")
+        assert got["state"] == "cancelled" and got["started"] is not None, got
+        assert page.dialogs == []
+    finally:
+        file_server.release(url)

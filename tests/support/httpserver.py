@@ -2,7 +2,9 @@
 
 ``/slow/<file>?seconds=S`` trickles the file over about S seconds (to kill a worker mid-download).
 ``/redirect?to=URL`` answers 302 to URL. ``/fail/<code>?reason=R&body=B`` answers status ``code`` with
-the reason phrase R and the body B (what a deploy's error must not quote).
+the reason phrase R and the body B (what a deploy's error must not quote). ``/held/<key>`` (a URL from
+``hold()``) answers 200 and then a zero byte every 0.1 s, never ending until ``release(url)`` or until the
+client leaves: a download that stays running as long as a test needs (a deploy to cancel).
 """
 
 from __future__ import annotations
@@ -11,6 +13,7 @@ import http.server
 import threading
 import time
 import urllib.parse
+import uuid
 from pathlib import Path
 
 
@@ -19,6 +22,8 @@ class FileServer:
         self.root = Path(root)
         self.root.mkdir(parents=True, exist_ok=True)
         root_dir = self.root
+        self.holds: dict[str, threading.Event] = {}  # key -> set to end that held answer
+        holds = self.holds
 
         class Handler(http.server.BaseHTTPRequestHandler):
             def log_message(self, *args):  # keep test output quiet
@@ -33,6 +38,21 @@ class FileServer:
                     self.send_header("Location", query["to"][0])
                     self.send_header("Content-Length", "0")
                     self.end_headers()
+                    return
+                if path.startswith("/held/"):
+                    released = holds.get(path[len("/held/") :])
+                    if released is None:
+                        self.send_error(404, "Not Found")
+                        return
+                    self.send_response(200)  # no Content-Length: the body ends when the connection does
+                    self.send_header("Content-Type", "application/octet-stream")
+                    self.end_headers()
+                    while not released.wait(0.1):
+                        try:
+                            self.wfile.write(b"\0")
+                            self.wfile.flush()
+                        except (BrokenPipeError, ConnectionResetError):
+                            return
                     return
                 if path.startswith("/fail/"):
                     body = query.get("body", [""])[0].encode()
@@ -79,10 +99,22 @@ class FileServer:
     def url(self) -> str:
         return f"http://127.0.0.1:{self.port}"
 
+    def hold(self) -> str:
+        """A URL whose answer keeps coming (a byte every 0.1 s) until ``release`` is called with it."""
+        key = uuid.uuid4().hex[:12]
+        self.holds[key] = threading.Event()
+        return f"{self.url}/held/{key}"
+
+    def release(self, url: str) -> None:
+        """End the held answer of ``url`` (one from ``hold``)."""
+        self.holds[url.rsplit("/", 1)[1]].set()
+
     def start(self) -> FileServer:
         self.thread.start()
         return self
 
     def stop(self) -> None:
+        for released in self.holds.values():
+            released.set()
         self.httpd.shutdown()
         self.httpd.server_close()

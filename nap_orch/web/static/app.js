@@ -176,8 +176,9 @@ function progressLabel(d) {
   return `${done} of ${total}` + (d.phase ? ` ${d.phase}` : "");
 }
 
-// A job's panel: its state, a progress bar and its log lines, followed live until it ends.
-function jobPanel(jobId, title, onEnd) {
+// A job's panel: its state, a progress bar and its log lines, followed live until it ends (onState is
+// told of each state it enters, onEnd of its final record).
+function jobPanel(jobId, title, onEnd, onState) {
   const state = el("span", {}, stateBadge("queued"));
   const bar = el("progress", { max: 1, value: 0, "aria-label": "progress" });
   const progressText = el("span", { class: "progress-text" });
@@ -198,8 +199,10 @@ function jobPanel(jobId, title, onEnd) {
       await streamEvents(
         `/v1/jobs/${enc(jobId)}/events`,
         (type, d) => {
-          if (type === "state") state.replaceChildren(stateBadge(d.state));
-          else if (type === "log") {
+          if (type === "state") {
+            state.replaceChildren(stateBadge(d.state));
+            if (onState) onState(d.state);
+          } else if (type === "log") {
             log.append(el("div", { text: d.line }));
             log.scrollTop = log.scrollHeight;
           } else if (type === "progress") {
@@ -584,33 +587,43 @@ async function jobsPage(signal) {
   }, 3000, signal);
 }
 
+const ENDED = new Set(["succeeded", "failed", "cancelled"]);
+
 async function jobPage(signal, id) {
   const job = await get(`/v1/jobs/${enc(id)}`);
   const facts = el("dl");
   const cancelOut = el("div");
   const cancel = el("button", { type: "button", class: "danger", id: "cancel", text: "Cancel job" });
+  let ended = false;
   const show = (j) => {
+    if (ended && !ENDED.has(j.state)) return; // a late answer from before the end
+    ended = ENDED.has(j.state);
+    // A running job stops at its next step once asked to (a queued one is cancelled at once).
+    const asked = j.cancel_requested && !ended;
     facts.replaceChildren(
       el("dt", { text: "Kind" }), el("dd", { text: j.kind }),
-      el("dt", { text: "State" }), el("dd", {}, stateBadge(j.state)),
+      el("dt", { text: "State" }), el("dd", { id: "job-state" }, stateBadge(j.state), asked ? el("span", { class: "muted", text: " cancel requested: it stops at its next step" }) : ""),
       el("dt", { text: "App" }), el("dd", { text: (j.args && j.args.app) || "" }),
       el("dt", { text: "Created" }), el("dd", { text: localTime(j.created) }),
       el("dt", { text: "Started" }), el("dd", { text: localTime(j.started) }),
       el("dt", { text: "Finished" }), el("dd", { text: localTime(j.finished) }),
       el("dt", { text: "Arguments" }), el("dd", { text: JSON.stringify(j.args) }),
       el("dt", { text: "Error" }), el("dd", { text: j.error || "" }));
-    cancel.hidden = !(j.state === "queued" || j.state === "running");
+    cancel.hidden = ended || asked;
   };
   show(job);
   cancel.addEventListener("click", async () => {
+    cancelOut.replaceChildren();
     try {
       show(await api("POST", `/v1/jobs/${enc(id)}/cancel`));
     } catch (e) {
       showError(cancelOut, e);
     }
   });
+  // The facts follow the job's states as its events tell them (the record read again at each).
+  const refresh = () => { if (!signal.aborted) get(`/v1/jobs/${enc(id)}`).then(show, () => {}); };
   setPage(`Job ${id}`, el("section", {}, facts, cancel, cancelOut),
-    el("section", {}, el("h2", { text: "Events" }), jobPanel(id, job.kind, (j) => { if (!signal.aborted) show(j); })));
+    el("section", {}, el("h2", { text: "Events" }), jobPanel(id, job.kind, (j) => { if (!signal.aborted) show(j); }, refresh)));
 }
 
 // -- admin -----------------------------------------------------------------------------------------
