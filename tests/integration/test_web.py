@@ -1,6 +1,7 @@
 """The web manager in a real browser (Playwright driving Debian's chromium, headless) against the real
-stack: sign in, deploy, launch, follow instances and journals live, cancel a queued and a running job,
-tenants kept apart, user strings shown as text, the Content-Security-Policy, and a 390 px wide layout.
+stack: sign in, deploy, launch, follow instances and journals live, MPI runs grouped as a master and
+its slaves, cancel a queued and a running job, tenants kept apart, user strings shown as text, the
+Content-Security-Policy, and a 390 px wide layout.
 
 NAP_SCREENSHOTS=docs saves the main pages as PNG files there (for the README)."""
 
@@ -147,10 +148,14 @@ def test_launch_with_parameters_shows_instances_running_live_as_text(page, stack
     # the app's logs: every instance's journal merged, each line marked with its instance
     page.get_by_role("button", name="Show logs").click()
     expect(page.locator("#app-logs")).to_contain_text(f"{name}_web_common@3")
+    expect(page.locator("#instances thead")).to_contain_text("Host / node")
     for n in (1, 2, 3):
         port = client.get(f"/v1/instances/{name}_web_common@{n}/port")
         link = page.locator(f'#instances tr[data-name="{name}_web_common@{n}"] a.port')
         expect(link).to_have_attribute("href", f"http://{port['host']}:{port['port']}")
+        # the host (the Slurm engine's node) as the API reports it
+        host = client.get(f"/v1/instances/{name}_web_common@{n}")["host"]
+        expect(page.locator(f'#instances tr[data-name="{name}_web_common@{n}"] .hs')).to_have_text(host)
     shot(page, "app")
 
     page.get_by_role("button", name=f"Stop {name}_web_common@2").click()
@@ -285,7 +290,7 @@ def test_the_390_px_layout_has_no_horizontal_scroll(browser, stack, tenant):
             expect(page.locator(ready).first).to_be_visible()
             width = page.evaluate("document.scrollingElement.scrollWidth")
             assert width <= 390, (where, width)
-            if ready == "#instances":
+            if where == "#/apps/web":
                 shot(page, "phone-app")
     finally:
         context.close()
@@ -339,3 +344,62 @@ def test_a_running_job_is_cancelled_from_its_page(page, stack, file_server):
         assert page.dialogs == []
     finally:
         file_server.release(url)
+
+
+def test_mpi_runs_are_grouped_as_a_master_and_its_slaves(page, stack, file_server, tmp_path):
+    """Two runs of an MPI app (one launched from the page): each run is its master's row (the run's number,
+    and its state counted over its instances) with its slaves' rows under it, though the API lists every
+    master before the slaves; a run is stopped whole from its master's row."""
+    name, client = stack.add_user()
+    src = write_app(tmp_path / "mpi", {"mpi.xml": "command: sleep {seconds}\nhosts: 2\n"})
+    assert deploy(stack, client, "ranks", publish(file_server, src, "tgz"))["state"] == "succeeded"
+    try:
+        other = client.post("/v1/apps/ranks/mpi", {"params": {"seconds": "1000"}})["job"]
+        sign_in(page, stack, client.token, name)
+        page.goto(f"{stack.url}/#/apps/ranks")
+        expect(page.get_by_role("heading", name="Start an MPI run")).to_be_visible()
+        page.get_by_label("seconds").fill("1000")
+        page.get_by_role("button", name="Launch").click()
+        expect(page.locator(".job-panel .state")).to_have_text("succeeded")
+        mine = page.locator(".job-panel").get_attribute("data-job")
+        jobs = [client.get(f"/v1/jobs/{mine}"), stack.wait_job(client, other)]
+        assert all(j["state"] == "succeeded" for j in jobs), jobs
+        runs = sorted(j["result"]["run"] for j in jobs)
+        master = {r: f"{name}_ranks_mpi_master@{r}" for r in runs}
+        grouped = [n for r in runs for n in (master[r], *(f"{name}_ranks_mpi_slave@{r}-{i}" for i in (1, 2)))]
+        listed = [r["name"] for r in client.get("/v1/apps/ranks/instances")["instances"]]
+        assert listed != grouped and sorted(listed) == sorted(grouped)  # the API's order is not the page's
+
+        rows = page.locator("#instances tbody tr")
+        expect(rows).to_have_count(6)
+        for n in grouped:
+            expect(page.locator(f'#instances tr[data-name="{n}"] .st .state')).to_have_text("running")
+        for r in runs:
+            expect(page.locator(f'#instances tr[data-name="{master[r]}"] .run-state')).to_have_text("run: 3 running")
+        assert rows.evaluate_all("trs => trs.map(tr => tr.dataset.name)") == grouped
+        for r in runs:
+            head = page.locator(f'#instances tr[data-name="{master[r]}"]')
+            expect(head).to_have_class("run-master")
+            expect(head.locator("td").first).to_contain_text(f"Run {r}")
+            for i in (1, 2):
+                slave = page.locator(f'#instances tr[data-name="{name}_ranks_mpi_slave@{r}-{i}"]')
+                expect(slave).to_have_class("run-slave")
+                expect(slave.locator("td").first).to_contain_text(f"slave {i}")
+                expect(slave.locator("button")).to_have_count(0)  # a run stops and goes whole, from its master
+        for row in client.get("/v1/apps/ranks/instances")["instances"]:
+            expect(page.locator(f'#instances tr[data-name="{row["name"]}"] .hs')).to_have_text(row["host"])
+        for never in ("Start all", "Restart all", "Scale"):  # a run is not started again, nor scaled
+            expect(page.get_by_role("button", name=never, exact=True)).to_have_count(0)
+        shot(page, "mpi")
+        page.set_viewport_size({"width": 390, "height": 844})
+        expect(rows.first).to_be_visible()
+        assert page.evaluate("document.scrollingElement.scrollWidth") <= 390
+        page.set_viewport_size({"width": 1280, "height": 900})
+
+        page.get_by_role("button", name=f"Stop run {runs[0]}").click()
+        expect(page.locator(f'#instances tr[data-name="{master[runs[0]]}"] .st .state')).to_have_text("stopped")
+        expect(page.locator(f'#instances tr[data-name="{master[runs[0]]}"] .run-state')).not_to_contain_text("running")
+        expect(page.locator(f'#instances tr[data-name="{master[runs[1]]}"] .run-state')).to_have_text("run: 3 running")
+        assert page.dialogs == []
+    finally:
+        stack.remove_instances([name])

@@ -337,63 +337,116 @@ function portLink(port) {
   return el("a", { href: url, target: "_blank", rel: "noopener noreferrer", class: "port", text: url });
 }
 
-function instanceActions(row, after) {
-  const act = (label, method, path, cls) =>
-    el("button", {
-      type: "button",
-      class: cls || "secondary",
-      text: label,
-      "aria-label": `${label} ${row.name}`,
-      onclick: async (ev) => {
-        ev.target.disabled = true;
-        try {
-          await api(method, path);
-        } catch (e) {
-          showError(ev.target.closest("td"), e);
-        } finally {
-          ev.target.disabled = false;
-          after();
-        }
-      },
-    });
-  const base = `/v1/instances/${enc(row.name)}`;
-  return [act("Stop", "POST", `${base}/stop`), " ", act("Start", "POST", `${base}/start`), " ", act("Remove", "DELETE", base, "danger")];
+function actionButton(label, aria, method, path, after, cls) {
+  return el("button", {
+    type: "button",
+    class: cls || "secondary",
+    text: label,
+    "aria-label": aria,
+    onclick: async (ev) => {
+      ev.target.disabled = true;
+      try {
+        await api(method, path);
+      } catch (e) {
+        showError(ev.target.closest("td"), e);
+      } finally {
+        ev.target.disabled = false;
+        after();
+      }
+    },
+  });
 }
 
+// An instance's place in the list, from the list's own fields: kind (common, mpi_master, mpi_slave) and
+// instance ("3" for common@3 and a run's master, "3-2" for run 3's second slave).
+function placeOf(r) {
+  const [a, b] = String(r.instance ?? "").split("-").map(Number);
+  if (r.kind === "mpi_master" || r.kind === "mpi_slave") return { mpi: true, run: a, slave: r.kind === "mpi_slave" ? b || 0 : 0 };
+  return { mpi: false, run: a, slave: 0 };
+}
+
+// Common instances by number, then each MPI run by its number: its master, then its slaves.
+function comparePlaces(x, y) {
+  return (x.mpi - y.mpi) || (x.run - y.run) || (x.slave - y.slave);
+}
+
+// What a row of an MPI run can do: the run stops and goes as a whole (stopping or removing the master
+// stops or removes the run), and a run is never started again (start another).
+function instanceActions(row, place, after) {
+  const base = `/v1/instances/${enc(row.name)}`;
+  if (!place.mpi) {
+    return [
+      actionButton("Stop", `Stop ${row.name}`, "POST", `${base}/stop`, after), " ",
+      actionButton("Start", `Start ${row.name}`, "POST", `${base}/start`, after), " ",
+      actionButton("Remove", `Remove ${row.name}`, "DELETE", base, after, "danger"),
+    ];
+  }
+  if (place.slave) return el("span", { class: "muted", text: `with run ${place.run}` });
+  return [
+    actionButton("Stop run", `Stop run ${place.run}`, "POST", `${base}/stop`, after), " ",
+    actionButton("Remove run", `Remove run ${place.run}`, "DELETE", base, after, "danger"),
+  ];
+}
+
+function nameCell(row, place) {
+  const link = el("a", { href: `#/instances/${enc(row.name)}`, text: row.name });
+  if (!place.mpi) return el("td", {}, link);
+  if (!place.slave) return el("td", { class: "run-head" }, el("strong", { class: "run-label", text: `Run ${place.run}` }), " master ", link);
+  return el("td", { class: "run-member" }, el("span", { class: "run-label", text: `slave ${place.slave}` }), " ", link);
+}
+
+// The instances, kept live: common instances, then each MPI run grouped as its master's row (the run's
+// number, and the run's state: its instances counted by state) with its slaves' rows under it.
 function instancesTable(app, signal) {
   const tbody = el("tbody");
-  const rows = new Map();
+  const rows = new Map(); // name -> { tr, place }
   const table = el("table", { id: "instances" },
-    el("thead", {}, el("tr", {}, ...["Name", "State", "Port", "Restarts", "Exit code", "Host", "Actions"].map((h) => el("th", { text: h })))), tbody);
+    el("thead", {}, el("tr", {}, ...["Name", "State", "Port", "Restarts", "Exit code", "Host / node", "Actions"].map((h) => el("th", { text: h })))), tbody);
   const empty = el("p", { text: "No instances." });
   const refresh = async () => {
     const data = await api("GET", `/v1/apps/${enc(app)}/instances`, undefined, signal);
     const seen = new Set();
+    const runs = new Map(); // run -> its instances' rows from the API
+    for (const r of data.instances) {
+      const place = placeOf(r);
+      if (place.mpi) (runs.get(place.run) || runs.set(place.run, []).get(place.run)).push(r);
+    }
     for (const r of data.instances) {
       seen.add(r.name);
-      let tr = rows.get(r.name);
-      if (!tr) {
-        tr = el("tr", { "data-name": r.name },
-          el("td", {}, el("a", { href: `#/instances/${enc(r.name)}`, text: r.name })),
+      let got = rows.get(r.name);
+      if (!got) {
+        const place = placeOf(r);
+        const cls = place.mpi ? (place.slave ? "run-slave" : "run-master") : null;
+        const tr = el("tr", { "data-name": r.name, class: cls, "data-run": place.mpi ? place.run : null },
+          nameCell(r, place),
           el("td", { class: "st" }), el("td", { class: "pt" }), el("td", { class: "rs" }), el("td", { class: "ex" }), el("td", { class: "hs" }),
-          el("td", { class: "actions" }, instanceActions(r, refresh)));
-        rows.set(r.name, tr);
-        tbody.append(tr);
+          el("td", { class: "actions" }, instanceActions(r, place, refresh)));
+        got = { tr, place };
+        rows.set(r.name, got);
       }
-      const set = (cls, key, node) => {
+      const { tr, place } = got;
+      const set = (cls, key, ...nodes) => {
         const td = tr.querySelector(`.${cls}`);
         if (td.dataset.v !== key) {
           td.dataset.v = key;
-          td.replaceChildren(node);
+          td.replaceChildren(...nodes);
         }
       };
-      set("st", r.state, stateBadge(r.state));
+      if (place.mpi && !place.slave) {
+        const summary = `run: ${countsByState(runs.get(place.run))}`;
+        set("st", `${r.state}|${summary}`, stateBadge(r.state), el("div", { class: "run-state", text: summary }));
+      } else {
+        set("st", r.state, stateBadge(r.state));
+      }
       set("pt", r.state + JSON.stringify(r.port), portLink(r.state === "running" ? r.port : null));
       set("rs", String(r.restarts ?? ""), String(r.restarts ?? ""));
       set("ex", String(r.exit_code ?? ""), r.exit_code ?? "");
       set("hs", String(r.host ?? ""), r.host ?? "");
     }
-    for (const [name, tr] of rows) if (!seen.has(name)) { tr.remove(); rows.delete(name); }
+    for (const [name, got] of rows) if (!seen.has(name)) { got.tr.remove(); rows.delete(name); }
+    // In place: rows move only when the order changed (a new instance, a run's slaves after its master).
+    const order = [...rows.values()].sort((x, y) => comparePlaces(x.place, y.place)).map((g) => g.tr);
+    if (order.some((tr, i) => tbody.children[i] !== tr)) tbody.append(...order);
     empty.hidden = rows.size > 0;
     labelCells(table);
   };
@@ -463,10 +516,12 @@ async function appPage(signal, app) {
       showError(ops, e);
     }
   });
+  // An MPI app's runs are stopped (or destroyed) but never started again, nor scaled: a new run is started.
+  const common = info.kind === "common";
   const appOps = el("div", { class: "row" },
     jobButton("Stop all", "POST", `${base}/stop`, undefined, ops),
-    jobButton("Start all", "POST", `${base}/start`, undefined, ops),
-    jobButton("Restart all", "POST", `${base}/restart`, undefined, ops),
+    common && jobButton("Start all", "POST", `${base}/start`, undefined, ops),
+    common && jobButton("Restart all", "POST", `${base}/restart`, undefined, ops),
     destroy);
 
   // Every instance's journal, merged in time order (nap logs): the last N lines when asked.
@@ -493,7 +548,7 @@ async function appPage(signal, app) {
     jobs,
     el("section", {}, el("h2", { text: "Instances" }), table.node),
     el("section", {}, el("h2", { text: info.kind === "common" ? "Launch instances" : "Start an MPI run" }), launch),
-    el("section", {}, el("h2", { text: "Whole app" }), appOps, scale, ops),
+    el("section", {}, el("h2", { text: "Whole app" }), appOps, common && scale, ops),
     el("section", {}, el("h2", { text: "Logs" }), el("div", { class: "row" }, logLines, showLogs), logs, logsError),
     el("section", {}, el("h2", { text: "Releases" }), releases),
     el("section", {}, el("h2", { text: "Profile" }), profile),
@@ -549,7 +604,7 @@ async function instancePage(signal, name) {
       el("dt", { text: "App" }), el("dd", {}, el("a", { href: `#/apps/${enc(app)}`, text: app })),
       el("dt", { text: "State" }), el("dd", { id: "instance-state" }, stateBadge(st.state)),
       el("dt", { text: "Port" }), port,
-      el("dt", { text: "Host" }), el("dd", { text: st.host || "" }),
+      el("dt", { text: "Host / node" }), el("dd", { id: "instance-host", text: st.host || "" }),
       el("dt", { text: "Restarts" }), el("dd", { text: String(st.restarts ?? "") }),
       el("dt", { text: "Exit code" }), el("dd", { text: String(st.exit_code ?? "") }),
       el("dt", { text: "Message" }), el("dd", { text: st.message || "" }));
