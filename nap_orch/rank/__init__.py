@@ -15,6 +15,19 @@ master waits for every slave (up to ``NAP_MPI_WAIT_TIMEOUT`` seconds, else it fa
 came), writes the hostfile from what they registered (its own host first: rank 0 runs beside the
 master) and runs mpirun on it. Its exit code is the run's. The platform publishes the registrations
 as the seed's ``/services/mpi/<user>/<app>/<run>/slave<i>`` keys (``ops.instances.mpi``).
+
+With ``NAP_MPI_AGENT=1`` (a cluster engine: Slurm, where each unit runs in its tenant's sandbox on its
+own node) the slaves host the ranks themselves: the hostfile names the master's own node
+``localhost`` and each slave ``nap-slave<i>``, and mpirun starts Open MPI's daemon (``orted``) on a
+slave through this file as its remote shell (``plm_rsh_agent``) instead of ssh::
+
+    .nap-mpi/exec<i>.json    the command mpirun gave for slave i ({"command"}), written by the agent
+    .nap-mpi/exec<i>.exit    how it ended ({"code"}), written by the slave
+
+The slave runs that command in its own sandbox as the tenant, and ends it when the run ends. So a
+run's every process is its tenant's, in a sandbox and a control group, and nothing of Slurm's runs a
+rank: the run needs no credential and no Slurm launcher (PMIx) inside the sandbox. A command file is
+the tenant's own and runs as the tenant: it gives nothing the tenant does not have already.
 """
 
 from __future__ import annotations
@@ -32,12 +45,9 @@ from pathlib import Path
 
 FOLDER = ".nap-mpi"
 POLL = 0.2
-# A launcher (Slurm's srun) still running this long after every rank has ended is ended: srun has been
-# seen to miss the end of a heterogeneous step whose tasks had all finished, and wait for ever.
+# A launcher still running this long after every process it started has ended (unreaped) is ended.
 LAUNCHER_GRACE = 10.0
-# What each rank runs under a cluster's launcher: the program, then its exit code into a file of its own
-# (node and pid: unique among the run's ranks), which is how the master knows every rank has ended.
-RANK_SH = '"$@"; c=$?; echo "$c" > ".nap-mpi/rank-${SLURMD_NODENAME:-node}-$$.exit"; exit "$c"'
+AGENT_HOST = "nap-slave"  # the hostfile's name for slave i, with the agent: nap-slave<i>
 
 
 def this_host() -> str:
@@ -101,36 +111,79 @@ def master(args, program: list[str]) -> int:
             print(f"master: {msg}; giving up", flush=True)
             return run.end("failed", 3, error=msg)
         time.sleep(POLL)
-    hosts = Counter([this_host()] + [s["host"] for s in slaves.values()])
+    agent = os.environ.get("NAP_MPI_AGENT") == "1"
+    hosts = hostfile(this_host(), slaves, agent)
     with open("hostfile", "w") as f:
         for host, slots in hosts.items():
             f.write(f"{host} slots={slots}\n")
     ranks = sum(hosts.values())
     print(f"master: hostfile {dict(hosts)}; running {ranks} ranks", flush=True)
     run.set(state="running", ranks=ranks)
-    # A cluster engine may launch the ranks its own way inside the run's allocation (Slurm: one
-    # ``srun --mpi=pmix`` step over the master's and the slaves' tasks): NAP_MPI_LAUNCH, a JSON argv.
-    launch = (
-        json.loads(os.environ["NAP_MPI_LAUNCH"])
-        if os.environ.get("NAP_MPI_LAUNCH")
-        else [os.environ.get("NAP_MPIRUN") or "mpirun", "--hostfile", "hostfile", "-np", str(ranks), "--oversubscribe"]
-    )
-    watched = bool(os.environ.get("NAP_MPI_LAUNCH"))
-    argv = [*launch, *(["/bin/sh", "-c", RANK_SH, "rank"] if watched else []), *program]
+    launch = [os.environ.get("NAP_MPIRUN") or "mpirun", "--hostfile", "hostfile", "-np", str(ranks), "--oversubscribe"]
+    if agent:
+        launch += agent_options()
+    argv = [*launch, *program]
     print("master: " + " ".join(argv), flush=True)
     proc = subprocess.Popen(argv)
     signal.signal(signal.SIGTERM, lambda *_: proc.terminate())
-    code = wait_launcher(proc, folder, ranks if watched else None)
+    code = wait_launcher(proc)
     print(f"master: mpirun exited with code {code}", flush=True)
     return run.end("succeeded" if code == 0 else "failed", code)
 
 
-def wait_launcher(proc: subprocess.Popen, folder: Path, ranks: int | None) -> int:
-    """The launcher's exit code. A launcher that outlives every rank by ``LAUNCHER_GRACE`` seconds is
-    ended, and the run's code is the ranks' (the first that is not 0): with ``ranks``, as their exit
-    files say (a cluster's launcher); without, when every process the launcher started has ended and
-    it has not reaped them (Open MPI's mpirun has been seen to print that a rank aborted, then wait
-    for ever beside its other ranks' zombies)."""
+def hostfile(me: str, slaves: dict[str, dict], agent: bool) -> Counter:
+    """The hostfile's hosts and slots: the master's host (rank 0 runs beside the master) and the slaves'.
+    With the agent, each slave is a host of its own (``nap-slave<i>``: its sandbox on its node), and the
+    master's is ``localhost`` (mpirun starts those ranks itself)."""
+    if not agent:
+        return Counter([me] + [s["host"] for s in slaves.values()])
+    hosts = Counter({"localhost": 1})
+    for name, data in slaves.items():
+        slots = data.get("slots")
+        hosts[AGENT_HOST + name.removeprefix("slave")] = slots if isinstance(slots, int) and slots > 0 else 1
+    return hosts
+
+
+def agent_options() -> list[str]:
+    """mpirun's options that make this file its remote shell: ``rank.py agent HOST COMMAND...``. Every
+    daemon is started by the master (no tree spawn: a slave starts nothing on another)."""
+    me = os.path.abspath(__file__)
+    return [
+        "--mca", "plm", "rsh",
+        "--mca", "plm_rsh_agent", f"{sys.executable or 'python3'} {me} agent",
+        "--mca", "plm_rsh_no_tree_spawn", "1",
+    ]  # fmt: skip
+
+
+def agent(host: str, words: list[str]) -> int:
+    """mpirun's remote shell: hand ``words`` (the daemon's command line, for a shell) to the slave that is
+    ``host`` through the run's folder, and wait until it has ended there; its exit code is ours."""
+    folder = Path(FOLDER)  # mpirun's working directory, the run's folder, is the agent's
+    index = host.removeprefix(AGENT_HOST)
+    if not host.startswith(AGENT_HOST) or not index.isdigit():
+        print(f"agent: {host!r} is not a slave of this run ({AGENT_HOST}<i>)", file=sys.stderr, flush=True)
+        return 255
+    request, done, slave_file = (
+        folder / f"{n}{index}.{ext}" for n, ext in (("exec", "json"), ("exec", "exit"), ("slave", "json"))
+    )
+    done.unlink(missing_ok=True)
+    write_json(request, {"command": " ".join(words), "agent": os.getpid()})
+    while True:
+        ended = read_json(done)
+        if ended is not None:
+            code = ended.get("code")
+            return code if isinstance(code, int) else 255
+        if not slave_file.exists():
+            print(f"agent: slave {index} left before its command ended", file=sys.stderr, flush=True)
+            return 255
+        time.sleep(POLL)
+
+
+def wait_launcher(proc: subprocess.Popen) -> int:
+    """The launcher's exit code. A launcher that outlives every process it started by
+    ``LAUNCHER_GRACE`` seconds while it has not reaped them is ended, and the run's code is theirs (the
+    first that is not 0): Open MPI's mpirun has been seen to print that a rank aborted, then wait for
+    ever beside its other ranks' zombies."""
     all_ended = None
     while True:
         try:
@@ -138,12 +191,8 @@ def wait_launcher(proc: subprocess.Popen, folder: Path, ranks: int | None) -> in
             return code if code >= 0 else 128 - code
         except subprocess.TimeoutExpired:
             pass
-        if ranks is None:
-            statuses = unreaped_children(proc.pid)
-            codes = None if statuses is None else [exit_code(st) for st in statuses]
-        else:
-            codes = rank_codes(folder)
-            codes = codes if len(codes) >= ranks else None
+        statuses = unreaped_children(proc.pid)
+        codes = None if statuses is None else [exit_code(st) for st in statuses]
         if codes is None:
             all_ended = None
             continue
@@ -183,17 +232,6 @@ def exit_code(status: int) -> int:
     return (status >> 8) & 0xFF if status & 0x7F == 0 else 128 + (status & 0x7F)
 
 
-def rank_codes(folder: Path) -> list[int]:
-    """The exit codes the ranks that have ended wrote."""
-    codes = []
-    for path in folder.glob("rank-*.exit"):
-        try:
-            codes.append(int(path.read_text().split()[0]))
-        except (OSError, ValueError, IndexError):
-            continue
-    return codes
-
-
 def slave(args) -> int:
     folder = Path(FOLDER)
     folder.mkdir(exist_ok=True)
@@ -202,20 +240,68 @@ def slave(args) -> int:
     me = folder / f"slave{args.index}.json"
     write_json(me, {"host": this_host(), "slots": 1, "pid": os.getpid()})
     print(f"slave {args.index}: registered {me} on {this_host()}", flush=True)
+    daemon = Daemon(folder, args.index)
     try:
         while not stop:
             if (folder / "ended").exists():
                 state = (read_json(folder / "run.json") or {}).get("state", "ended")
                 print(f"slave {args.index}: run {state}; leaving", flush=True)
                 break
+            daemon.look()
             time.sleep(POLL)
     finally:
+        daemon.end()
         me.unlink(missing_ok=True)
     return 0
 
 
+class Daemon:
+    """What mpirun asked a slave to run through the agent (Open MPI's ``orted``, which starts the slave's
+    ranks): started once asked, its exit code written once it ends, ended with the slave."""
+
+    def __init__(self, folder: Path, index: int):
+        self.request = folder / f"exec{index}.json"
+        self.done = folder / f"exec{index}.exit"
+        self.index = index
+        self.proc: subprocess.Popen | None = None
+
+    def look(self) -> None:
+        if self.proc is None:
+            asked = read_json(self.request)
+            if asked is None or not isinstance(asked.get("command"), str):
+                return
+            self.request.unlink(missing_ok=True)
+            print(f"slave {self.index}: starting Open MPI's daemon for the master", flush=True)
+            self.proc = subprocess.Popen(["/bin/sh", "-c", asked["command"]], start_new_session=True)
+        elif (code := self.proc.poll()) is not None:
+            self.finished(code)
+
+    def finished(self, code: int) -> None:
+        code = code if code >= 0 else 128 - code
+        print(f"slave {self.index}: Open MPI's daemon exited with code {code}", flush=True)
+        write_json(self.done, {"code": code})
+        self.proc = None
+
+    def end(self) -> None:
+        """End what it still runs: TERM to its whole group, KILL after 5 s."""
+        if self.proc is None:
+            return
+        for sig, wait in ((signal.SIGTERM, 5.0), (signal.SIGKILL, 5.0)):
+            try:
+                os.killpg(self.proc.pid, sig)
+            except ProcessLookupError:
+                pass
+            try:
+                self.finished(self.proc.wait(wait))
+                return
+            except subprocess.TimeoutExpired:
+                continue
+
+
 def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
+    if argv[:1] == ["agent"] and len(argv) >= 2:  # mpirun's remote shell: agent HOST COMMAND...
+        return agent(argv[1], argv[2:])
     program: list[str] = []
     if "--" in argv:
         i = argv.index("--")

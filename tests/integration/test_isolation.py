@@ -347,6 +347,59 @@ def test_a_slurm_task_runs_sandboxed_as_its_tenant_and_leaves_nothing_behind(slu
             os.kill(pid, 9)
 
 
+MPI_PROBE = {
+    "mpi.xml": "command: sh probe.sh {home} {mark}\nhosts: 2\n",
+    "probe.sh": r"""#!/bin/sh
+home="$1"; mark="$2"
+nnp=$(sed -n 's/^NoNewPrivs:\t*//p' /proc/self/status)
+if cat "$home/admin.token" >/dev/null 2>&1; then token=WORKED; else token=refused; fi
+if ls "$home/slurm" >/dev/null 2>&1; then files=WORKED; else files=refused; fi
+echo "probe rank $OMPI_COMM_WORLD_RANK uid $(id -u) nnp $nnp admin_token $token engine_files $files slurm ${SLURM_JOB_ID:-none}"
+exec sleep "$mark"
+""",
+}
+
+
+def cgroups_of(pid: int) -> set[str]:
+    """The control groups a host process is in (every hierarchy's path)."""
+    with open(f"/proc/{pid}/cgroup") as f:
+        return {line.rstrip("\n").split(":", 2)[2] for line in f}
+
+
+@pytest.mark.slurm_engine
+def test_an_mpi_run_on_slurm_runs_every_rank_sandboxed_in_its_units_group(slurm2_stack, file_server, tmp_path):
+    """Master and slaves are sandboxed as their tenant, each in its own control group, and the slaves'
+    ranks run in the slaves' (started through the run's folder, not by Slurm as root)."""
+    s = slurm2_stack
+    (s.home / "admin.token").write_text("nap_admin_secret\n")
+    (s.home / "admin.token").chmod(0o600)
+    _, client = s.add_user()
+    deployed(s, client, file_server, tmp_path, MPI_PROBE, "mprobe")
+    mark = str(700000 + int(uuid.uuid4().int % 99999))
+    resp = client.post("/v1/apps/mprobe/mpi", {"params": {"home": str(s.home), "mark": mark}})
+    job = s.wait_job(client, resp["job"], 120)
+    assert job["state"] == "succeeded", job
+    master, slaves = job["result"]["master"], job["result"]["slaves"]
+    try:
+        wait_until(lambda: journal_text(client, master).count("probe rank ") >= 3, 90, "three ranks' probes")
+        text = journal_text(client, master)
+        lines = re.findall(r"probe rank (\d) uid (\d+) nnp (\d) admin_token (\w+) engine_files (\w+) slurm (\S+)", text)
+        assert sorted(r[0] for r in lines) == ["0", "1", "2"], text
+        for _, uid, nnp, token, files, slurm in lines:
+            assert 200000 <= int(uid) <= 299999 and nnp == "1", text
+            assert (token, files, slurm) == ("refused", "refused", "none"), text
+        wait_until(lambda: len(host_processes(f"sleep\0{mark}")) == 3, 30, "the three ranks")
+        pids = host_processes(f"sleep\0{mark}")
+        groups = set().union(*(cgroups_of(pid) for pid in pids))
+        for unit in (master, *slaves):  # one rank in each unit's group: the master's and each slave's
+            assert any(g.endswith(f"/{unit}") for g in groups), (unit, groups)
+        client.post(f"/v1/instances/{master}/stop", {})
+        wait_until(lambda: not host_processes(f"sleep\0{mark}"), 60, "every rank to end with the run")
+    finally:
+        for pid in host_processes(f"sleep\0{mark}"):
+            os.kill(pid, 9)
+
+
 @pytest.mark.slurm_engine
 def test_memory_max_holds_for_a_slurm_tasks_whole_tree(slurm_stack, file_server, tmp_path):
     s = slurm_stack

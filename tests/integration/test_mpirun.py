@@ -88,15 +88,16 @@ def test_a_stopped_slave_leaves_its_registration_behind_it_too(run_dir):
         proc.wait()
 
 
-def test_master_runs_the_program_on_the_hosts_its_slaves_registered(run_dir):
+def test_master_runs_mpirun_on_the_hosts_its_slaves_registered(run_dir):
     slaves = [
         subprocess.Popen(rank_argv("slave", "--hosts", "2", "--index", str(i)), env=env(), cwd=run_dir) for i in (1, 2)
     ]
     try:
-        launch = json.dumps(["/bin/sh", "-c", 'echo "launched $0 $*" > launched', "launcher"])
+        (run_dir / "fake-mpirun").write_text('#!/bin/sh\necho "launched $*" > launched\n')
+        (run_dir / "fake-mpirun").chmod(0o755)
         out = subprocess.run(
             rank_argv("master", "--hosts", "2", "--", "prog", "a b"),
-            env=env(NAP_MPI_LAUNCH=launch),
+            env=env(NAP_MPIRUN=str(run_dir / "fake-mpirun")),
             cwd=run_dir,
             capture_output=True,
             text=True,
@@ -104,8 +105,7 @@ def test_master_runs_the_program_on_the_hosts_its_slaves_registered(run_dir):
         )
         assert out.returncode == 0, out.stdout + out.stderr
         assert (run_dir / "hostfile").read_text() == "127.0.0.1 slots=3\n"
-        # under a cluster's launcher each rank runs the program, then writes its exit code
-        assert (run_dir / "launched").read_text() == f"launched launcher /bin/sh -c {rank.RANK_SH} rank prog a b\n"
+        assert (run_dir / "launched").read_text() == "launched --hostfile hostfile -np 3 --oversubscribe prog a b\n"
         record = json.loads((run_dir / ".nap-mpi" / "run.json").read_text())
         assert (record["state"], record["ranks"], record["exit_code"]) == ("succeeded", 3, 0)
         for proc in slaves:  # the run ended: they leave
@@ -116,25 +116,74 @@ def test_master_runs_the_program_on_the_hosts_its_slaves_registered(run_dir):
             proc.wait()
 
 
-def test_master_ends_a_launcher_that_outlives_every_rank(run_dir):
-    """srun has been seen to miss the end of a het step whose ranks had all ended: the master ends it."""
-    slave = subprocess.Popen(rank_argv("slave", "--hosts", "1", "--index", "1"), env=env(), cwd=run_dir)
+def mpi_env(**extra) -> dict:
+    """Open MPI as root (these tests run as root, unsandboxed) talking TCP."""
+    return env(OMPI_ALLOW_RUN_AS_ROOT="1", OMPI_ALLOW_RUN_AS_ROOT_CONFIRM="1", OMPI_MCA_btl="self,tcp", **extra)
+
+
+@pytest.mark.skipif(shutil.which("mpirun") is None, reason="Open MPI is not installed")
+def test_with_the_agent_each_slave_runs_its_ranks_started_through_the_run_folder(run_dir):
+    """The cluster engines' way: mpirun starts Open MPI's daemon on each slave through the run's folder,
+    and the slave's ranks are its children (they have the slave's environment, not the master's)."""
+    slaves = [
+        subprocess.Popen(
+            rank_argv("slave", "--hosts", "2", "--index", str(i)),
+            env=mpi_env(WHO=f"slave{i}"),
+            cwd=run_dir,
+            stdout=open(run_dir / f"slave{i}.log", "w"),
+            stderr=subprocess.STDOUT,
+        )
+        for i in (1, 2)
+    ]
     try:
-        # a launcher that runs both ranks (the second one fails), then hangs
-        launch = json.dumps(["/bin/sh", "-c", '"$@"; "$1" "$2" "$3" "$4" /bin/false; exec sleep 1000', "launcher"])
         out = subprocess.run(
-            rank_argv("master", "--hosts", "1", "--", "/bin/true"),
-            env=env(NAP_MPI_LAUNCH=launch),
+            rank_argv("master", "--hosts", "2", "--", "/bin/sh", "-c", 'echo "rank $OMPI_COMM_WORLD_RANK on $WHO"'),
+            env=mpi_env(WHO="master", NAP_MPI_AGENT="1"),
             cwd=run_dir,
             capture_output=True,
             text=True,
             timeout=120,
         )
-        assert "every rank ended 10 s ago but the launcher did not: ending it" in out.stdout, out.stdout
-        assert out.returncode == 1  # the failed rank's code
-        assert sorted(rank.rank_codes(run_dir / ".nap-mpi")) == [0, 1]
-        assert json.loads((run_dir / ".nap-mpi" / "run.json").read_text())["state"] == "failed"
-        assert slave.wait(20) == 0
+        assert out.returncode == 0, out.stdout + out.stderr
+        assert (run_dir / "hostfile").read_text() == "localhost slots=1\nnap-slave1 slots=1\nnap-slave2 slots=1\n"
+        ranks = sorted(line for line in out.stdout.splitlines() if line.startswith("rank "))
+        assert ranks == ["rank 0 on master", "rank 1 on slave1", "rank 2 on slave2"], out.stdout + out.stderr
+        for i, proc in enumerate(slaves, 1):
+            assert proc.wait(20) == 0
+            log = (run_dir / f"slave{i}.log").read_text()
+            assert "starting Open MPI's daemon" in log and "daemon exited with code 0" in log, log
+            assert json.loads((run_dir / ".nap-mpi" / f"exec{i}.exit").read_text()) == {"code": 0}
     finally:
-        slave.kill()
-        slave.wait()
+        for proc in slaves:
+            proc.kill()
+            proc.wait()
+
+
+def test_a_slave_that_leaves_ends_its_daemon_and_the_agent_says_how_it_ended(run_dir):
+    slave = subprocess.Popen(rank_argv("slave", "--hosts", "1", "--index", "1"), env=env(), cwd=run_dir)
+    agent = None
+    try:
+        wait_for((run_dir / ".nap-mpi" / "slave1.json").exists, 20, "the slave to register")
+        agent = subprocess.Popen(
+            [PYTHON, "rank.py", "agent", "nap-slave1", "sleep 1000 & echo $! > daemon.pid; wait"],
+            cwd=run_dir,
+            stderr=subprocess.PIPE,
+            text=True,
+        )
+        wait_for(
+            lambda: (run_dir / "daemon.pid").exists() and (run_dir / "daemon.pid").read_text().strip(), 20, "the daemon"
+        )
+        daemon = int((run_dir / "daemon.pid").read_text())
+        slave.send_signal(signal.SIGTERM)
+        assert slave.wait(30) == 0
+        assert agent.wait(30) == 143  # the daemon's code: ended by its slave's TERM
+        wait_for(
+            lambda: not os.path.exists(f"/proc/{daemon}") or open(f"/proc/{daemon}/stat").read().split()[2] == "Z",
+            20,
+            "the daemon to end",
+        )
+    finally:
+        for proc in (slave, agent):
+            if proc is not None:
+                proc.kill()
+                proc.wait()

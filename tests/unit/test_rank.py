@@ -52,10 +52,37 @@ def test_unreaped_children_are_seen_only_when_every_one_has_ended():
             p.wait()
 
 
-def test_a_launcher_stuck_beside_its_ended_ranks_is_ended_with_their_code(tmp_path, monkeypatch):
+def test_a_launcher_stuck_beside_its_ended_ranks_is_ended_with_their_code(monkeypatch):
     monkeypatch.setattr(rank, "LAUNCHER_GRACE", 0.5)
     stuck = subprocess.Popen([sys.executable, "-c", STUCK], start_new_session=True)
     t0 = time.monotonic()
-    code = rank.wait_launcher(stuck, tmp_path, None)
+    code = rank.wait_launcher(stuck)
     assert code in (5, 137)  # the first of the ranks' codes that is not 0
     assert stuck.poll() is not None and time.monotonic() - t0 < 30
+
+
+def test_with_the_agent_each_slave_is_a_host_of_its_own_and_the_master_is_localhost():
+    slaves = {"slave1": {"host": "n2", "slots": 1}, "slave2": {"host": "n2", "slots": 2}, "slave3": {"host": "n3"}}
+    assert rank.hostfile("n1", slaves, agent=True) == {
+        "localhost": 1,
+        "nap-slave1": 1,
+        "nap-slave2": 2,
+        "nap-slave3": 1,
+    }
+    # without it (one host: the local engine), slots add up per host
+    assert rank.hostfile("n1", slaves, agent=False) == {"n1": 1, "n2": 2, "n3": 1}
+
+
+def test_mpirun_is_told_to_start_its_daemons_through_the_agent_only():
+    opts = rank.agent_options()
+    pairs = dict(zip(opts[1::3], opts[2::3]))
+    assert opts[0::3] == ["--mca"] * 3
+    assert pairs["plm"] == "rsh" and pairs["plm_rsh_no_tree_spawn"] == "1"
+    assert pairs["plm_rsh_agent"].endswith(f"{rank.__file__} agent") and " " not in rank.__file__
+
+
+def test_the_agent_refuses_a_host_that_is_not_a_slave(tmp_path, monkeypatch, capsys):
+    monkeypatch.chdir(tmp_path)
+    assert rank.main(["agent", "elsewhere.example", "orted", "--x"]) == 255
+    assert "'elsewhere.example' is not a slave of this run" in capsys.readouterr().err
+    assert not (tmp_path / rank.FOLDER).exists() or not list((tmp_path / rank.FOLDER).iterdir())

@@ -12,8 +12,9 @@ Translation of a unit
     ``start_app`` submits the task again (a new array of one) in the same folder. Jobs are
     ``--no-requeue``: nap-orch applies the unit's restart policy itself.
   - An MPI run (a master unit and its slave units, submitted together) is one heterogeneous job:
-    component 0 runs the master, component 1 the slaves, and the program runs as one
-    ``srun --mpi=pmix`` step over both, one MPI world across the nodes. Het jobs need a node per
+    component 0 runs the master, component 1 the slaves (each unit sandboxed as a common instance
+    is), and the master's mpirun starts the slaves' ranks through the run's folder (``nap_orch.rank``'s
+    agent): one MPI world across the nodes, none of it Slurm's. Het jobs need a node per
     component: on a partition with one node up the run is one job of ``hosts + 1`` tasks instead.
   The batch scripts are in ``scripts.py``; every job carries ``--comment=nap:<namespace>``.
 
@@ -341,17 +342,14 @@ class SlurmEngine(Engine):
         opts = self._options(jobname, self.journal_dir / f"{munit.name}.out", scripts.memory_mib(munit))
         # a het job needs a node per component: with one node up, one job of hosts + 1 tasks instead
         het = len(await self.cli.up_nodes()) >= 2
-        launch = [srun, "--mpi=pmix", "--overlap", "--kill-on-bad-exit=1"]
         if het:
             opts += ["--ntasks=1", "hetjob", f"--ntasks={hosts}", "--spread-job"]
             if self.cli.partition:
                 opts.append(f"--partition={self.cli.partition}")
             slave_srun = [srun, "--het-group=1", "--overlap", "--kill-on-bad-exit=0"]
-            launch.append("--het-group=0,1")
         else:
             opts.append(f"--ntasks={hosts + 1}")
             slave_srun = [srun, f"--ntasks={hosts}", "--overlap", "--kill-on-bad-exit=0"]
-            launch.append(f"--ntasks={hosts + 1}")
         mpi_env = dict(w.split("=", 1) for w in shlex.split(self.slurm.mpi_env) if "=" in w)
         script = scripts.mpi_script(
             str(self.run_dir),
@@ -360,8 +358,8 @@ class SlurmEngine(Engine):
             [str(self.journal_dir / f"{u.name}.out") for _, u, _ in slaves],
             opts,
             slave_srun,
-            launch,
             mpi_env,
+            self.sandbox,
         )
         jobid = await self.cli.sbatch(script)
         rows = [

@@ -11,8 +11,10 @@ started (the instance is running from then on) and its exit code to ``<run>/<job
 Slurm's own record of a job is gone ``MinJobAge`` after it ends, and this Slurm has no accounting.
 
 An MPI run is one job: the master's unit runs as the batch script (component 0 of a heterogeneous
-job), its slaves as one step over the slaves' tasks (component 1), and ``nap_orch.rank`` launches the
-program with ``srun --mpi=pmix`` over both components: one MPI world across the nodes.
+job), its slaves as one step over the slaves' tasks (component 1), each unit in its own sandbox and
+control group, and the master's mpirun starts Open MPI's daemon on each slave through the run's folder
+(``nap_orch.rank``'s agent), which starts the slave's ranks: one MPI world across the nodes, every
+process of it its tenant's.
 
 Words are quoted for bash with single quotes (``shlex.quote``): a value is data. The argv markers of
 ``${PORT}`` and ``${NAP_HOST}`` become ``"${PORT}"``/``"${NAP_HOST}"``; other references take their
@@ -21,7 +23,6 @@ value from the unit's environment, as systemd's expansion would.
 
 from __future__ import annotations
 
-import json
 import shlex
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -159,7 +160,7 @@ nap_exec() {  # clean|keep WORKDIR MEMORY_KB NAME=VALUE... -- ARGV...: runs it, 
         ( [ "$mem" -gt 0 ] && ulimit -v "$mem"; exec env "${envs[@]}" "$@" ) &
     fi
     nap_pid=$!
-    printf '%s\n' "$nap_pid" > "$nap_run/$nap_job.started"  # the instance runs from now on
+    printf '%s\n' "$nap_pid" > "${nap_started:-$nap_run/$nap_job.started}"  # the instance runs from now on
     if [ -n "$nap_group" ] && [ "$mem" -gt 0 ]; then nap_watch_oom & fi
     # Slurm's TERM (scancel, a node taken down, a time limit) reaches the program too; remember it.
     trap 'nap_signalled=1; nap_term' TERM INT HUP
@@ -290,17 +291,22 @@ def array_script(run_dir: str, tasks_dir: str, base: str, offset: int, count: in
     return "\n".join(lines)
 
 
-def slave_step(slaves: list[units.Unit], journals: list[str]) -> str:
-    """What each task of the slaves' step runs: slave ``SLURM_PROCID + 1``'s unit, into its own journal."""
-    lines = ['case "$SLURM_PROCID" in']
+def slave_step(slaves: list[units.Unit], journals: list[str], extra_env: list[str], sandbox: NodeSandbox | None) -> str:
+    """What each task of the slaves' step runs: slave ``SLURM_PROCID + 1``'s unit, into its own journal,
+    in its sandbox and control group where it names its tenant (as a common instance's task does)."""
+    lines = [PRELUDE, 'case "$SLURM_PROCID" in']
     for i, (unit, journal) in enumerate(zip(slaves, journals)):
-        env = [shlex.quote(f"{k}={v}") for k, v in unit.env.items()]
-        words = [bash_word(w, unit.env) for w in unit.argv]
-        lines.append(
-            f"{i}) exec >> {shlex.quote(journal)} 2>&1; "
-            f'printf "%s nap: %s\\n" "$(date -u +%Y-%m-%dT%H:%M:%S.%3NZ)" "started on $SLURMD_NODENAME (job $SLURM_JOB_ID)"; '
-            f"cd {shlex.quote(unit.workdir)} && exec env {' '.join(env)} {' '.join(words)} ;;"
-        )
+        box = sandbox.lines(unit) if sandbox is not None and unit.user is not None else []
+        lines += [
+            f"{i})",
+            f"    exec >> {shlex.quote(journal)} 2>&1",
+            '    nap_event "started on $SLURMD_NODENAME (job $SLURM_JOB_ID)"',
+            *(f"    {line}" for line in box),
+            # its run's state is the master's job's: a slave's own start and end are its journal's
+            f"    nap_started=/dev/null {exec_line(unit, 'clean', extra_env)}",
+            '    [ -n "$nap_group" ] && nap_cg_end',
+            '    nap_event "exited with code $nap_code" ;;',
+        ]
     lines += ["esac"]
     return "\n".join(lines)
 
@@ -312,26 +318,29 @@ def mpi_script(
     slave_journals: list[str],
     options: list[str],
     slave_srun: list[str],
-    launch: list[str],
     mpi_env: dict[str, str],
+    sandbox: NodeSandbox | None = None,
 ) -> str:
-    """An MPI run's script: the slaves' step in the background, the master (which launches the ranks
-    with ``launch`` + the program), then the slaves' step is waited for."""
-    exports = [f"export {k}={shlex.quote(v)}" for k, v in mpi_env.items()]
-    launch_env = shlex.quote("NAP_MPI_LAUNCH=" + json.dumps(launch))
+    """An MPI run's script: the slaves' step in the background, the master, then the slaves' step is
+    waited for. Every unit runs as a common instance's does (in its sandbox and control group where it
+    names its tenant, with only its own environment); the master's mpirun starts the ranks on the slaves
+    through the run's folder (``nap_orch.rank``'s agent), so no rank is Slurm's."""
+    extra = [shlex.quote(f"{k}={v}") for k, v in {**mpi_env, "NAP_MPI_AGENT": "1"}.items()]
+    extra.append('"NAP_HOST=${SLURMD_NODENAME}"')
+    box = sandbox.lines(master) if sandbox is not None and master.user is not None else []
     lines = [
         "#!/bin/bash",
         header(options),
         f"# nap-orch: MPI run {master.name}: a master and {len(slaves)} slave(s)",
         f"nap_run={shlex.quote(run_dir)}",
         PRELUDE,
-        *exports,
         'nap_event "job $SLURM_JOB_ID: master on $SLURMD_NODENAME, slaves on '
         '${SLURM_JOB_NODELIST_HET_GROUP_1:-$SLURM_JOB_NODELIST}"',
-        f"nap_slave={shlex.quote(slave_step(slaves, slave_journals))}",
-        " ".join(shlex.quote(w) for w in slave_srun) + ' bash -c "$nap_slave" &',
+        f"nap_slave={shlex.quote(slave_step(slaves, slave_journals, extra, sandbox))}",
+        f"nap_run={shlex.quote(run_dir)} " + " ".join(shlex.quote(w) for w in slave_srun) + ' bash -c "$nap_slave" &',
         "nap_slaves=$!",
-        exec_line(master, "keep", [launch_env], memory=False),
+        *box,
+        exec_line(master, "clean", extra),
         # the slaves leave when the run's record says it ended; don't wait for ever if one can't
         "for i in $(seq 100); do kill -0 $nap_slaves 2>/dev/null || break; nap_nap 0.1; done",
         "kill -TERM $nap_slaves 2>/dev/null",
