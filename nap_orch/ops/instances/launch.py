@@ -59,40 +59,62 @@ async def reserve_numbers(
 ) -> list[int]:
     """Reserve ``count`` fresh instance numbers (a retry of the same job gets its own back); each
     records what it counts for in the quotas (``units`` instances of ``memory`` bytes each), and
-    ``more`` (a common instance's parameters, which scale and a rollout launch it with again)."""
+    ``more`` (a common instance's parameters, which scale and a rollout launch it with again).
+
+    A launch's numbers start one above the highest number the app holds, and each of its reservations
+    records that start (``"from"``). A retry starts where its first attempt did: the numbers from there
+    up that nothing holds are taken before any above the highest, so an attempt cut short with some of
+    its numbers written and others not (a Redis killed with 1 and 65 written, 2..64 in flight) gets
+    1..N back on its retry, not 1, 65..263."""
     taken = await store.get_prefix(keys.INSTANCES_OF_APP.format(user=user, app=app))
-    mine, highest = [], 0
+    held: set[int] = set()
+    mine: list[int] = []
+    start: int | None = None
     for key, value in taken.items():
         n = int(key.rsplit("/", 1)[1])
-        highest = max(highest, n)
-        if _owner(value) == owner:
+        held.add(n)
+        record = _record(value)
+        if record.get("job") == owner:
             mine.append(n)
+            first = record.get("from")
+            first = first if isinstance(first, int) and 0 < first <= n else n
+            start = first if start is None else min(start, first)
     folder_root = settings.apps_dir / user
     if folder_root.is_dir():  # a folder left behind also holds its number
         for d in folder_root.glob(f"{user}_{app}_*"):
             tail = d.name[len(f"{user}_{app}_") :]
             if tail.isdigit():
-                highest = max(highest, int(tail))
+                held.add(int(tail))
     mine = sorted(mine)[:count]
-    nxt = highest + 1
+    if start is None:  # a first attempt, or a retry whose first attempt wrote nothing
+        start = max(held, default=0) + 1
+    value = quotas.reservation(owner, memory, units, **more, **{"from": start})
+    nxt = start
     while len(mine) < count:
-        want = list(range(nxt, nxt + count - len(mine)))
-        nxt = want[-1] + 1
-        value = quotas.reservation(owner, memory, units, **more)
+        want: list[int] = []
+        while len(want) < count - len(mine):
+            if nxt not in held:
+                want.append(nxt)
+            nxt += 1
         got = await store.create_many([(keys.INSTANCE.format(user=user, app=app, n=n), value) for n in want])
         mine += [n for n, ok in zip(want, got) if ok]
         # A number taken meanwhile may be this job's own (an earlier attempt's write that landed late).
         lost = [n for n, ok in zip(want, got) if not ok]
-        held = await store.get_many([keys.INSTANCE.format(user=user, app=app, n=n) for n in lost])
-        mine += [n for n, v in zip(lost, held) if v is not None and _owner(v) == owner]
+        found = await store.get_many([keys.INSTANCE.format(user=user, app=app, n=n) for n in lost])
+        mine += [n for n, v in zip(lost, found) if v is not None and _owner(v) == owner]
     return sorted(mine)
 
 
-def _owner(value: str) -> str | None:
+def _record(value: str) -> dict[str, Any]:
     try:
-        return json.loads(value).get("job")
-    except (ValueError, AttributeError):
-        return None
+        record = json.loads(value)
+    except ValueError:
+        return {}
+    return record if isinstance(record, dict) else {}
+
+
+def _owner(value: str) -> str | None:
+    return _record(value).get("job")
 
 
 def write_copy(src: Path, folder: Path, spec: profile.AppSpec, values: dict[str, str]) -> None:
