@@ -1,7 +1,8 @@
 """Bulk launch benchmark: one start_common of N instances of a tiny app, from submit to all running with
 their ports in the store, against two baselines measured in the same run: the same N processes started
 directly from Python, bare, and the same N started directly inside the same sandbox as the agent's
-(setpriv + bubblewrap as a tenant's uid, each joined to a control group of its own before it runs).
+(setpriv + bubblewrap as a tenant's uid, each joined to a control group of its own before it runs, under
+the seccomp filter); the last once more without the filter, which is what the filter costs a start.
 
     python bench/bulk_launch.py              # N=1000, etcd store (the production shape)
     python bench/bulk_launch.py --store redis --count 500
@@ -31,6 +32,7 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from nap_orch.config import Settings  # noqa: E402
+from nap_orch.engines import seccomp  # noqa: E402
 from nap_orch.engines.cgroups import Hierarchy, Limits  # noqa: E402
 from nap_orch.engines.sandbox import Sandbox  # noqa: E402
 from nap_orch.store import open_store  # noqa: E402
@@ -60,9 +62,10 @@ async def baseline(n: int) -> float:
     return took
 
 
-def sandboxed_baseline(n: int, folder: Path) -> float | None:
+def sandboxed_baseline(n: int, folder: Path, filter_file: Path | None) -> float | None:
     """Start n `sleep` processes each in its own sandbox and control group, as the agent does but with
-    nothing else around it; seconds until all are spawned and released. None where no sandbox can be made."""
+    nothing else around it (under the seccomp filter in ``filter_file``, opened for each as the agent does,
+    if given); seconds until all are spawned and released. None where no sandbox can be made."""
     hierarchy = Hierarchy.detect("bench")
     if hierarchy is None:
         return None
@@ -75,17 +78,18 @@ def sandboxed_baseline(n: int, folder: Path) -> float | None:
     for i in range(n):
         group = hierarchy.group(f"b{i}").create(Limits(tasks=512))
         read, write = os.pipe()
+        fds = (read, os.open(filter_file, os.O_RDONLY | os.O_CLOEXEC)) if filter_file else (read,)
         proc = subprocess.Popen(
-            box.argv(["/bin/sleep", "100000"], block_fd=read),
-            pass_fds=(read,),
+            box.argv(["/bin/sleep", "100000"], block_fd=read, seccomp_fd=fds[1] if filter_file else None),
+            pass_fds=fds,
             start_new_session=True,
             stdout=subprocess.DEVNULL,
             stderr=subprocess.DEVNULL,
         )
         group.join_tree(proc.pid)
         os.write(write, b"1")
-        os.close(read)
-        os.close(write)
+        for fd in (*fds, write):
+            os.close(fd)
         groups.append(group)
         procs.append(proc)
     took = time.perf_counter() - t0
@@ -178,7 +182,16 @@ def main() -> int:
             rows = []
             for r in range(args.rounds):
                 base = asyncio.run(baseline(args.count))
-                boxed = sandboxed_baseline(args.count, tmp / "boxed")
+                seccomp.write(tmp / "seccomp.bpf")
+                # with and without the filter, in turn first (on a busy machine, the first is the slower)
+                for with_filter in (True, False) if r % 2 == 0 else (False, True):
+                    took_boxed = sandboxed_baseline(
+                        args.count, tmp / "boxed", tmp / "seccomp.bpf" if with_filter else None
+                    )
+                    if with_filter:
+                        boxed = took_boxed
+                    else:
+                        unfiltered = took_boxed
                 alone = read_alone(other, "tiny", 3.0)
                 reader = Reader(other, "tiny")
                 t0 = time.perf_counter()
@@ -208,6 +221,7 @@ def main() -> int:
                             "sandboxed_baseline_seconds": round(boxed, 3) if boxed else None,
                             "sandboxed_baseline_per_second": round(args.count / boxed, 1) if boxed else None,
                             "ratio_to_sandboxed": round(took / boxed, 2) if boxed else None,
+                            "sandboxed_without_seccomp_seconds": round(unfiltered, 3) if unfiltered else None,
                             "other_users_reads_alone": alone,
                             "other_users_reads_during_launch": reader.figures(),
                         }

@@ -19,6 +19,11 @@ keeps the round trip exact (a parameter whose value is the text ``${PORT}`` stay
 
 Keys systemd 252 lacks are written with an ``X-`` prefix, which systemd ignores:
 ``X-RestartMaxDelaySec=`` (named after the key systemd 254 added) caps the doubling backoff.
+
+A sandboxed unit (one with ``User=``) also says which system calls fail with ``EPERM``: one
+``SystemCallFilter=~`` line per group of ``SYSCALLS_DENIED``, ``RestrictNamespaces=yes`` (``clone`` with a
+namespace flag), ``LockPersonality=yes``, ``SystemCallArchitectures=native``. The engines enforce it
+with one seccomp filter made from the same list (``engines/seccomp.py``, which adds ``ioctl(TIOCSTI)``).
 """
 
 from __future__ import annotations
@@ -36,6 +41,30 @@ from typing import Any
 from .names import is_unit_name
 
 MARK = "\x00"
+
+# What a sandboxed instance may not call (EPERM): what a tenant's service never needs, as in Docker's
+# and Flatpak's default seccomp profiles. Names unknown on an architecture are skipped there.
+SYSCALLS_DENIED = {
+    "kernel modules, kexec, reboot, swap": (
+        "init_module finit_module delete_module create_module query_module get_kernel_syms "
+        "kexec_load kexec_file_load reboot swapon swapoff"
+    ),
+    "mounts, the old API and the new": (
+        "mount umount umount2 pivot_root fsopen fsconfig fsmount fspick open_tree move_mount mount_setattr"
+    ),
+    "namespaces": "unshare setns",
+    "the kernel keyring": "keyctl add_key request_key",
+    "kernel interfaces a service has no use for": (
+        "bpf perf_event_open userfaultfd io_uring_setup io_uring_enter io_uring_register kcmp lookup_dcookie "
+        "open_by_handle_at"
+    ),
+    "the host's accounting, quotas and clock": (
+        "acct quotactl quotactl_fd settimeofday stime clock_settime clock_settime64 clock_adjtime "
+        "clock_adjtime64 adjtimex"
+    ),
+    "hardware, consoles and the kernel log": "ioperm iopl vm86 vm86old syslog vhangup",
+    "obsolete": "nfsservctl uselib ustat sysfs _sysctl",
+}
 
 
 def ref(name: str) -> str:
@@ -74,7 +103,8 @@ class Unit:
     memory_max: int | None = None
     tasks_max: int | None = None
     # The tenant's uid and gid: the unit then runs sandboxed (``User=``, ``Group=``,
-    # ``NoNewPrivileges=yes``, ``ProtectSystem=strict``, ``ReadWritePaths=`` its folder, ``PrivateTmp=yes``).
+    # ``NoNewPrivileges=yes``, ``ProtectSystem=strict``, ``ReadWritePaths=`` its folder, ``PrivateTmp=yes``,
+    # the system calls it may not make).
     user: int | None = None
     group: int | None = None
     restart: str = "on-failure"
@@ -258,6 +288,11 @@ def render(unit: Unit) -> str:
             "ProtectSystem=strict",
             f"ReadWritePaths={workdir}",
             "PrivateTmp=yes",
+            *(f"SystemCallFilter=~{names}" for names in SYSCALLS_DENIED.values()),
+            "SystemCallErrorNumber=EPERM",
+            "SystemCallArchitectures=native",
+            "RestrictNamespaces=yes",
+            "LockPersonality=yes",
         ]
     lines += [
         f"Restart={unit.restart}",

@@ -15,6 +15,11 @@ control group (``cgroups.py``; bwrap's sandbox process exists already then, bloc
 ``Group.join_tree`` moves it too): nothing of the tenant's runs outside its limits. No
 ``--die-with-parent``: instances outlive the agent. A program killed by signal N ends the sandbox with
 code 128+N.
+
+``bwrap --seccomp FD`` loads the seccomp filter (``seccomp.py``) from that file descriptor once the sandbox
+is set up (after ``--block-fd`` is released): bwrap reads the fd to its end and closes it, then applies
+the filter to the sandbox's init and to the program, just before it executes. So every sandbox needs a
+file descriptor of its own on the filter's file, opened by whoever starts it.
 """
 
 from __future__ import annotations
@@ -32,9 +37,11 @@ class Sandbox:
     workdir: str  # the instance's folder: writable, and the working directory
     hidden: tuple[str, ...] = ()  # folders replaced by an empty one (NAP_HOME, the platform's state)
 
-    def argv(self, command: list[str], block_fd: int | None = None) -> list[str]:
+    def argv(self, command: list[str], block_fd: int | None = None, seccomp_fd: int | str | None = None) -> list[str]:
         """The command line that runs ``command`` in this sandbox; with ``block_fd``, it waits until
-        something can be read from that file descriptor (passed to the child) before it starts."""
+        something can be read from that file descriptor (passed to the child) before it starts; with
+        ``seccomp_fd`` (a number, or a word the caller's shell expands to one), the program runs under the
+        seccomp filter read from it."""
         if self.uid <= 0 or self.gid <= 0:
             raise ValueError("a sandbox runs as a tenant's own uid and gid, never as root")
         setpriv = shutil.which("setpriv") or "setpriv"
@@ -72,4 +79,6 @@ class Sandbox:
         out += ["--chdir", self.workdir]
         if block_fd is not None:
             out += ["--block-fd", str(block_fd)]
+        if seccomp_fd is not None:
+            out += ["--seccomp", str(seccomp_fd)]
         return [*out, "--", *command]

@@ -15,6 +15,7 @@ import uuid
 import pytest
 
 from nap_orch.cli.client import ApiError
+from tests.support.apps import SYSCALL_ATTACKS, SYSCALL_PROBE
 from tests.support.fixtures import LIMITS
 from tests.support.flows import deployed, start, wait_instance, wait_until
 from tests.support.stack import NapStack
@@ -163,6 +164,24 @@ def test_two_tenants_run_as_two_uids(stack, file_server, tmp_path):
         name = start(stack, client, "who", {})["result"]["instances"][0]["name"]
         uids.append(int(re.search(r"stdout\[\d+\]: (\d+)", wait_journal(client, name, r"stdout\[\d+\]: \d+"))[1]))
     assert uids[0] != uids[1] and all(u >= 200000 for u in uids)
+
+
+@pytest.mark.parametrize("engine", ["local", pytest.param("slurm", marks=pytest.mark.slurm_engine)])
+def test_system_calls_a_service_never_needs_fail_with_eperm(engine, request, file_server, tmp_path):
+    """unshare, mount, the keyring, perf events, bpf, TIOCSTI: the seccomp filter's EPERM (without it,
+    the sandbox alone lets a tenant use a keyring, perf events and TIOCSTI: test_sandbox.py shows it)."""
+    s = request.getfixturevalue({"local": "stack", "slurm": "slurm_stack"}[engine])
+    user, client = s.add_user()
+    try:
+        deployed(s, client, file_server, tmp_path, SYSCALL_PROBE, "sys")
+        job = start(s, client, "sys", {})
+        assert job["state"] == "succeeded", job.get("error")
+        name = job["result"]["instances"][0]["name"]
+        text = wait_journal(client, name, "syscall-probe-done", timeout=90)
+        found = dict(re.findall(r"syscall (\w+): (\w+)", text))
+        assert found == dict.fromkeys(SYSCALL_ATTACKS, "EPERM"), text
+    finally:
+        s.remove_instances([user])
 
 
 def test_without_the_sandbox_the_same_attacks_work(open_stack, file_server, tmp_path):

@@ -4,6 +4,7 @@ what a tenant's process can and cannot reach. Skipped where either is missing or
 from __future__ import annotations
 
 import os
+import re
 import shutil
 import subprocess
 import time
@@ -11,8 +12,10 @@ import uuid
 
 import pytest
 
+from nap_orch.engines import seccomp
 from nap_orch.engines.cgroups import Hierarchy, Limits
 from nap_orch.engines.sandbox import Sandbox
+from tests.support.apps import SYSCALL_ATTACKS, SYSCALL_PROBE_PY
 
 TENANT = 31337
 
@@ -167,3 +170,27 @@ def test_a_blocked_sandbox_joined_as_a_tree_runs_wholly_in_its_group(home):
         group.remove()
         for base in hierarchy.bases:
             base.rmdir()
+
+
+def test_the_seccomp_filter_denies_what_the_sandbox_alone_lets_a_tenant_do(home, tmp_path):
+    mine = home / "apps" / "alice" / "alice_web_1"
+    (mine / "probe.py").write_text(SYSCALL_PROBE_PY)
+    filter_file = tmp_path / "seccomp.bpf"
+    seccomp.write(filter_file)
+    box = Sandbox(TENANT, TENANT, str(mine), hidden=(str(home),))
+    found = {}
+    for name, filtered in (("bare", False), ("filtered", True)):
+        fd = os.open(filter_file, os.O_RDONLY | os.O_CLOEXEC)
+        try:
+            argv = box.argv(["/usr/bin/python3", "probe.py"], seccomp_fd=fd if filtered else None)
+            proc = subprocess.run(argv, pass_fds=(fd,), capture_output=True, text=True, timeout=60)
+        finally:
+            os.close(fd)
+        assert "syscall-probe-done" in proc.stdout, proc.stdout + proc.stderr
+        found[name] = dict(re.findall(r"syscall (\w+): (\w+)", proc.stdout))
+    # without the filter a tenant has a keyring, perf events and its terminal's input; unprivileged
+    # user namespaces are off (--disable-userns) and mounts need privileges it hasn't
+    assert found["bare"]["keyctl"] == found["bare"]["tiocsti"] == "allowed", found
+    assert found["bare"]["perf_event_open"] in ("allowed", "ENOENT", "ENODEV"), found  # no PMU in some VMs
+    assert found["bare"]["unshare_user"] == "ENOSPC" and found["bare"]["mount"] == "EPERM", found
+    assert found["filtered"] == dict.fromkeys(SYSCALL_ATTACKS, "EPERM"), found

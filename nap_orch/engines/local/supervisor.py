@@ -13,6 +13,7 @@ agent knows is kept in ``settings.agent_dir``::
     journal/<name>.log     the journal: raw output tailed into timestamped lines, plus agent events
     tail.0.json, tail.1.json  how far each raw file was read and how long each journal was (A/B copies)
     spare/                 empty files made ahead of time (see ``engines.files.FilePool``)
+    seccomp.bpf            the sandboxes' seccomp filter (``engines.seccomp``), made at the agent's start
 
 Files are written in place, not fsynced, and not replaced by renames: creating inodes is what costs
 (see ``engines.files.FilePool``), and the state must survive the agent, not the host (the instances
@@ -183,7 +184,7 @@ class Supervisor:
         self.isolation: Isolation | None = None
         self.unavailable = ""
         if settings.sandbox:
-            self.isolation, self.unavailable = prepare(settings.namespace, str(settings.home))
+            self.isolation, self.unavailable = prepare(settings.namespace, str(settings.home), self.dir)
             for d in (self.dir, settings.home / "services"):
                 d.mkdir(parents=True, exist_ok=True)
                 os.chmod(d, 0o700)  # the platform's alone
@@ -394,7 +395,8 @@ class Supervisor:
         err = os.open(paths["err"], flags, 0o640)
         inst.out_off = inst.err_off = 0
         self.tail_dirty = True
-        group, block = inst.group, None
+        group = inst.group
+        block: tuple[int, ...] | None = None  # the pipe's two ends, the seccomp filter's fd
         if self.settings.sandbox and group is None:  # a restart or a recovery, now that it can't be sandboxed
             record.started_at = time.time()
             why = self.unavailable or "its unit has no User="
@@ -409,9 +411,12 @@ class Supervisor:
                 if not group.fresh:
                     self._empty(group)  # a left-over of an earlier run (say, from before an agent crash)
                     inst.oom_seen = group.oom_kills()
-                # The sandbox waits on this pipe until the agent has put it into the group.
+                # The sandbox waits on this pipe until the agent has put it into the group, then reads its
+                # seccomp filter from the other descriptor.
                 block = os.pipe()
-                argv = self.isolation.sandbox(unit.user, unit.group, unit.workdir).argv(argv, block_fd=block[0])
+                block = (*block, self.isolation.filter_fd())
+                box = self.isolation.sandbox(unit.user, unit.group, unit.workdir)
+                argv = box.argv(argv, block_fd=block[0], seccomp_fd=block[2])
             # vfork-fast: no preexec_fn; close_fds isn't needed (Python opens every fd close-on-exec)
             popen = subprocess.Popen(
                 argv,
@@ -422,7 +427,7 @@ class Supervisor:
                 stderr=err,
                 start_new_session=True,
                 close_fds=block is not None,  # True only to pass the pipe (pass_fds implies it)
-                pass_fds=block[:1] if block else (),
+                pass_fds=(block[0], block[2]) if block else (),
             )
             if group is not None and block is not None:
                 try:

@@ -49,6 +49,7 @@ from ...config import Settings
 from ...errors import BadRequest, EngineError, Exhausted, NotFound
 from ...names import PROFILE, InstanceName, Kind
 from ...store import open_store
+from .. import seccomp
 from ..base import RUNNING, STARTING, STOPPED, Engine, InstanceStatus, UnitSpec
 from ..journal import last_lines, read_from
 from ..ports import Ports
@@ -82,7 +83,10 @@ class SlurmEngine(Engine):
         self.ports = Ports(self.store, settings.port_range, in_flight=256)
         root = settings.home / "slurm"
         self.journal_dir, self.run_dir, self.tasks_dir = root / "journal", root / "run", root / "tasks"
-        self.sandbox = scripts.NodeSandbox(settings.namespace, str(settings.home)) if settings.sandbox else None
+        self.seccomp = root / "seccomp.bpf"  # the sandboxes' seccomp filter, made at open for the nodes
+        self.sandbox = (
+            scripts.NodeSandbox(settings.namespace, str(settings.home), str(self.seccomp)) if settings.sandbox else None
+        )
         self._units: dict[str, tuple[str, units.Unit | None]] = {}
         self._opened = False
 
@@ -90,6 +94,11 @@ class SlurmEngine(Engine):
         if not self._opened:
             for d in (self.journal_dir, self.run_dir, self.tasks_dir):
                 d.mkdir(parents=True, exist_ok=True)
+            if self.sandbox is not None:  # no sandbox without its filter: refuse, as the local agent does
+                try:
+                    seccomp.write(self.seccomp)
+                except seccomp.SeccompError as e:
+                    raise EngineError(f"cannot sandbox instances here: {e}. Fix that, or set NAP_SANDBOX=off") from None
             await self.store.open()
             self._opened = True
         return self

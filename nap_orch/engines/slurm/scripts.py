@@ -244,19 +244,36 @@ def header(options: list[str]) -> str:
     return "\n".join(f"#SBATCH {opt}" for opt in options)
 
 
+SECCOMP_FD = "$nap_sfd"  # the word in nap_box for the fd that NodeSandbox's lines open the filter on
+
+
 @dataclass(frozen=True)
 class NodeSandbox:
     """How a node sandboxes a unit with ``User=`` (``engines.sandbox``, rendered here at submit), and
-    the stack its control groups are under (``nap-<stack>/<instance>``, made by the task itself)."""
+    the stack its control groups are under (``nap-<stack>/<instance>``, made by the task itself).
+
+    With ``seccomp`` (the filter's file, ``engines.seccomp``, made by the engine on the shared filesystem),
+    the lines open it on a descriptor of their own (``nap_sfd``) for the sandbox's ``bwrap --seccomp``,
+    which reads it to its end: so they come right before the ``nap_exec`` of the sandbox they are for. A
+    node that can't open it starts no sandbox (bwrap refuses the empty fd), never one without the filter."""
 
     stack: str
     hidden: str  # NAP_HOME
+    seccomp: str | None = None
 
     def lines(self, unit: units.Unit) -> list[str]:
         assert unit.user is not None and unit.group is not None
-        box = Sandbox(unit.user, unit.group, unit.workdir, hidden=(self.hidden,)).argv([])
+        fd = SECCOMP_FD if self.seccomp else None
+        box = Sandbox(unit.user, unit.group, unit.workdir, hidden=(self.hidden,)).argv([], seccomp_fd=fd)
+        out = []
+        if self.seccomp:
+            out.append(
+                f"exec {{nap_sfd}}<{shlex.quote(self.seccomp)} || "
+                f"nap_event {shlex.quote(f'cannot read the seccomp filter {self.seccomp}: no sandbox starts')}"
+            )
         return [
-            "nap_box=(" + " ".join(shlex.quote(w) for w in box) + ")",
+            *out,
+            "nap_box=(" + " ".join('"$nap_sfd"' if w == SECCOMP_FD else shlex.quote(w) for w in box) + ")",
             f"nap_group={shlex.quote(unit.name)} nap_tasks={unit.tasks_max or 'max'} nap_stack={shlex.quote(self.stack)}",
         ]
 
