@@ -19,7 +19,7 @@ import json
 import logging
 import time
 import uuid
-from collections.abc import AsyncGenerator, Awaitable, Callable, Iterable
+from collections.abc import AsyncGenerator, Awaitable, Callable, Iterable, Sequence
 from dataclasses import asdict, dataclass, field
 from typing import Any, NamedTuple, TypeVar
 
@@ -101,19 +101,38 @@ class Job:
         return cls(**{k: v for k, v in data.items() if k in cls.__dataclass_fields__})
 
 
+# A Lua function for the script below: appends events (a job's log lines and progress not written yet;
+# ``events`` is a JSON list of their field tables) to the job's and the user's streams, in order.
+_APPEND = """
+local function append(job_stream, user_stream, maxlen, events)
+  for _, ev in ipairs(cjson.decode(events)) do
+    local fields = {'type', ev.type, 'job', ev.job, 'kind', ev.kind, 't', ev.t, 'data', ev.data}
+    redis.call('XADD', job_stream, 'MAXLEN', '~', maxlen, '*', unpack(fields))
+    redis.call('XADD', user_stream, 'MAXLEN', '~', maxlen, '*', unpack(fields))
+  end
+end
+"""
+
 # Moves a job to a new state only from the allowed ones and appends the state event to the job's and
 # the user's streams, atomically (a reader that sees the final state also finds its event); a job that
 # ends leaves the set of active jobs, and its record and stream expire after its retention (the
-# record's ``retention`` field, else ARGV[5]; 0 keeps them). Returns the old state or nil. KEYS: record,
-# job stream, user stream, active set. ARGV: allowed states (JSON), maxlen, event fields (JSON), "1" if
-# the new state is terminal, the default retention (seconds), then field/value pairs.
-_TRANSITION = """
+# record's ``retention`` field, else ARGV[5]; 0 keeps them). Events given in ARGV[6] go first, whether
+# or not the state moves (a job's lines are never dropped); with a fifth key (its user's running jobs)
+# the job leaves that set too, in the same call. Returns the old state or nil. KEYS: record, job
+# stream, user stream, active set[, user's running set]. ARGV: allowed states (JSON), maxlen, event
+# fields (JSON), "1" if the new state is terminal, the default retention (seconds), earlier events
+# (JSON list), then field/value pairs.
+_TRANSITION = (
+    _APPEND
+    + """
 local cur = redis.call('HGET', KEYS[1], 'state')
 if not cur then return false end
+append(KEYS[2], KEYS[3], ARGV[2], ARGV[6])
+if KEYS[5] then redis.call('ZREM', KEYS[5], cjson.decode(ARGV[3]).job) end
 local allowed = cjson.decode(ARGV[1])
 for _, s in ipairs(allowed) do
   if cjson.encode(s) == cur then
-    for i = 6, #ARGV, 2 do redis.call('HSET', KEYS[1], ARGV[i], ARGV[i+1]) end
+    for i = 7, #ARGV, 2 do redis.call('HSET', KEYS[1], ARGV[i], ARGV[i+1]) end
     local ev = cjson.decode(ARGV[3])
     if ARGV[4] == '1' then redis.call('ZREM', KEYS[4], ev.job) end
     local fields = {'type', ev.type, 'job', ev.job, 'kind', ev.kind, 't', ev.t, 'data', ev.data}
@@ -132,6 +151,7 @@ for _, s in ipairs(allowed) do
 end
 return false
 """
+)
 
 
 # Takes (or renews) a place among a user's running jobs. KEYS: the user's set. ARGV: job id, cap (0: renew
@@ -145,6 +165,41 @@ if redis.call('ZSCORE', KEYS[1], ARGV[1]) or redis.call('ZCARD', KEYS[1]) < tonu
 end
 return 0
 """
+
+
+# Starts an attempt of a job in one call: if the job is queued or running (a redelivery), and its user
+# has fewer than ``cap`` jobs running (or it holds its place already), it takes its place among them,
+# is marked alive, counts an attempt and moves to running with its state event. Returns {0} when the
+# job has ended (or its record is gone), {-1} when its user has no room, else {1, attempts, "1" if a
+# cancel was requested}. KEYS: record, job stream, user stream, user's running set, mark of life. ARGV:
+# job id, kind, cap, now, when the place lapses, the mark's TTL (s), maxlen, started (JSON).
+_CLAIM = """
+local cur = redis.call('HGET', KEYS[1], 'state')
+if cur ~= '"queued"' and cur ~= '"running"' then return {0} end
+redis.call('ZREMRANGEBYSCORE', KEYS[4], '-inf', ARGV[4])
+if not redis.call('ZSCORE', KEYS[4], ARGV[1]) and redis.call('ZCARD', KEYS[4]) >= tonumber(ARGV[3]) then
+  return {-1}
+end
+redis.call('ZADD', KEYS[4], ARGV[5], ARGV[1])
+redis.call('EXPIRE', KEYS[4], 3600)
+redis.call('SET', KEYS[5], '1', 'EX', ARGV[6])
+local attempts = redis.call('HINCRBY', KEYS[1], 'attempts', 1)
+redis.call('HSET', KEYS[1], 'state', '"running"', 'started', ARGV[8], 'attempts', attempts)
+local data = '{"state": "running", "attempts": ' .. attempts .. '}'
+local fields = {'type', 'state', 'job', ARGV[1], 'kind', ARGV[2], 't', ARGV[4], 'data', data}
+redis.call('XADD', KEYS[2], 'MAXLEN', '~', ARGV[7], '*', unpack(fields))
+redis.call('XADD', KEYS[3], 'MAXLEN', '~', ARGV[7], '*', unpack(fields))
+local cancel = redis.call('HGET', KEYS[1], 'cancel_requested') == 'true' and '1' or '0'
+return {1, attempts, cancel}
+"""
+
+
+class Claim(enum.Enum):
+    """What ``JobStore.claim`` made of a job."""
+
+    STARTED = 1  # running, its attempt counted: run it
+    ENDED = 0  # already ended (or cancelled while queued): not to run
+    NO_ROOM = -1  # its user runs as many jobs as allowed: it waits its turn
 
 
 class Queued(NamedTuple):
@@ -165,6 +220,7 @@ class JobStore:
         self.keys = RedisKeys(namespace)
         self._transition = redis.register_script(_TRANSITION)
         self._hold = redis.register_script(_HOLD)
+        self._claim = redis.register_script(_CLAIM)
 
     @classmethod
     def from_url(cls, url: str, namespace: str = "nap") -> JobStore:
@@ -251,8 +307,22 @@ class JobStore:
             jobs = [j for j in jobs if j.state == state][:limit]
         return jobs
 
-    async def transition(self, job: Job, to: JobState, allowed: set[JobState], **fields) -> bool:
-        """Move ``job`` to state ``to`` if it is now in one of ``allowed``; set ``fields`` too."""
+    async def transition(
+        self,
+        job: Job,
+        to: JobState,
+        allowed: set[JobState],
+        *,
+        events: Sequence[dict[str, str]] = (),
+        release: bool = False,
+        **fields,
+    ) -> bool:
+        """Move ``job`` to state ``to`` if it is now in one of ``allowed``; set ``fields`` too.
+
+        :param events: events made earlier (``event``) and not written yet: they go first, in order, in
+            the same call, whether or not the state moves.
+        :param release: the job also leaves its user's running jobs (``hold_running``).
+        """
         updates = {"state": to.value, **fields}
         if to.terminal:
             updates.setdefault("finished", time.time())
@@ -266,6 +336,7 @@ class JobStore:
             json.dumps(self._event(job, "state", data)),
             "1" if to.terminal else "0",
             DEFAULT_RETENTION,
+            json.dumps(list(events)),
         ]
         for k, v in updates.items():
             argv += [k, json.dumps(v)]
@@ -275,6 +346,8 @@ class JobStore:
             self.keys.user_events(job.user),
             self.keys.active_jobs,
         ]
+        if release:
+            keys.append(self.keys.user_running(job.user))
         if not await self._transition(keys=keys, args=argv):
             return False
         for k, v in updates.items():
@@ -294,6 +367,35 @@ class JobStore:
             attempts=attempts,
         )
         return ok
+
+    async def claim(self, job: Job, cap: int) -> tuple[Claim, bool]:
+        """Start an attempt of ``job`` in one round trip, and say whether a cancel was requested: what
+        ``hold_running``, ``mark_alive`` and ``start_attempt`` do one after another, at once (``_CLAIM``).
+        A job whose user already runs ``cap`` jobs is left as it is."""
+        now = time.time()
+        keys = [
+            self.keys.job(job.id),
+            self.keys.job_events(job.id),
+            self.keys.user_events(job.user),
+            self.keys.user_running(job.user),
+            self.keys.job_alive(job.id),
+        ]
+        args: list[Any] = [
+            job.id,
+            job.kind,
+            cap,
+            repr(now),
+            now + ALIVE_TTL_S,
+            ALIVE_TTL_S,
+            STREAM_MAXLEN,
+            json.dumps(now),
+        ]
+        reply = await self._claim(keys=keys, args=args)
+        outcome = Claim(int(reply[0]))
+        if outcome is not Claim.STARTED:
+            return outcome, False
+        job.state, job.started, job.attempts = JobState.RUNNING.value, now, int(reply[1])
+        return outcome, reply[2] == b"1"
 
     async def request_cancel(self, job: Job) -> Job:
         """Cancel a queued job now; ask a running job to stop at its next step boundary."""
@@ -325,6 +427,23 @@ class JobStore:
         return (await self.redis.hget(self.keys.job(job_id), "cancel_requested")) == b"true"
 
     # -- events ----------------------------------------------------------------------------------
+    async def append(self, job: Job, events: Sequence[dict[str, str]], look: bool = False) -> bool:
+        """Append ``events`` (made by ``event``) to the job's and its user's streams, in order and all
+        or none, in one round trip; with ``look``, in the same round trip, say whether a cancel was
+        requested (else False)."""
+        async with self.redis.pipeline(transaction=True) as p:
+            for fields in events:
+                p.xadd(self.keys.job_events(job.id), fields, maxlen=STREAM_MAXLEN, approximate=True)
+                p.xadd(self.keys.user_events(job.user), fields, maxlen=STREAM_MAXLEN, approximate=True)
+            if look:
+                p.hget(self.keys.job(job.id), "cancel_requested")
+            replies = await p.execute()
+        return look and replies[-1] == b"true"
+
+    def event(self, job: Job, type_: str, data: dict) -> dict[str, str]:
+        """An event of the job, stamped now, to be written later (``append``, ``transition``)."""
+        return self._event(job, type_, data)
+
     async def emit(self, job: Job, type_: str, data: dict) -> None:
         """Append an event to the job's stream and to its user's stream."""
         fields = self._event(job, type_, data)

@@ -9,7 +9,6 @@ import logging
 import time
 import traceback
 from collections.abc import Awaitable, Callable
-from dataclasses import dataclass
 
 import dramatiq
 
@@ -20,7 +19,7 @@ from ..errors import Cancelled, NapError
 from ..store import open_store
 from ..store.base import Store
 from .broker import send
-from .records import ALIVE_TTL_S, UNREACHABLE, Job, JobState, JobStore, persistently
+from .records import ALIVE_TTL_S, UNREACHABLE, Claim, Job, JobState, JobStore, persistently
 
 log = logging.getLogger("nap.job")
 DEFER_MS = 2000  # a job over its user's cap of running jobs is looked at again after this
@@ -49,13 +48,34 @@ class Runtime:
         await self.jobs.close()
 
 
-@dataclass
-class JobContext:
-    """What domain code sees of its job."""
+# A job's log lines and progress are written in batches: with its next cancel check, with its next
+# state change, or by a timer at most FLUSH_S after the first of them was made (what watchers wait for
+# a line at most). A cancel check reads Redis only when its last look is older than LOOK_S.
+FLUSH_S = 0.1
+LOOK_S = 0.1
+RETRY_FLUSH_S = 1.0  # after a failed write, the timer tries again this much later
 
-    job: Job
-    rt: Runtime
-    _last_progress: float = 0.0
+
+class JobContext:
+    """What domain code sees of its job.
+
+    Its events are buffered and written in order, a batch per round trip, together with the cancel
+    checks and state changes that come anyway (see FLUSH_S): a trivial deploy's half-dozen lines cost
+    no round trip of their own. A line is never dropped: a batch that could not be written stays
+    first in the buffer for the next write, and the job's final state change carries what is left.
+    """
+
+    def __init__(self, job: Job, rt: Runtime, cancel_requested: bool = False):
+        self.job = job
+        self.rt = rt
+        self._last_progress = 0.0
+        self._pending: list[dict[str, str]] = []
+        self._writing = asyncio.Lock()  # one write of the job's events at a time: they stay in order
+        self._timer: asyncio.TimerHandle | None = None
+        self._flusher: asyncio.Task | None = None
+        self._cancel = cancel_requested
+        self._looked = time.monotonic()  # the claim that started the attempt looked
+        self.released = False  # its user's running place was given back with its last state change
 
     @property
     def job_id(self) -> str:
@@ -74,27 +94,88 @@ class JobContext:
         return self.rt.engine
 
     async def log(self, line: str) -> None:
-        """A worker log line for this job: into its event stream and the worker's log (waiting out a
-        Redis outage of up to ``job_write_wait`` seconds, as the job's other writes do)."""
+        """A worker log line for this job: into the worker's log now, and into its event stream with
+        the job's next write (at most FLUSH_S later)."""
         log.info("[%s %s] %s", self.job.kind, self.job.id, line)
-        await self._emit("log", {"line": line})
+        self._add("log", {"line": line})
 
     async def progress(self, done: int, total: int, force: bool = False, **extra) -> None:
         """Progress of long work; throttled to a few events per second."""
         now = time.monotonic()
         if force or done >= total or now - self._last_progress >= 0.2:
             self._last_progress = now
-            await self._emit("progress", {"done": done, "total": total, **extra})
+            self._add("progress", {"done": done, "total": total, **extra})
 
-    async def _emit(self, type_: str, data: dict) -> None:
-        await persistently(
-            lambda: self.rt.jobs.emit(self.job, type_, data), f"job {self.job.id} event", self.settings.job_write_wait
-        )
+    def _add(self, type_: str, data: dict) -> None:
+        self._pending.append(self.rt.jobs.event(self.job, type_, data))
+        self._schedule(FLUSH_S)
+
+    def _schedule(self, delay: float) -> None:
+        if self._timer is None and self._flusher is None:
+            self._timer = asyncio.get_running_loop().call_later(delay, self._start_flush)
+
+    def _start_flush(self) -> None:
+        self._timer = None
+        self._flusher = asyncio.ensure_future(self._flush_later())
+
+    async def _flush_later(self) -> None:
+        delay = FLUSH_S
+        try:
+            await self._write(look=False)
+        except Exception as e:  # noqa: BLE001 - kept for the next write; the job goes on
+            log.warning("job %s: could not write its events yet: %s", self.job.id, e)
+            delay = RETRY_FLUSH_S
+        finally:
+            self._flusher = None
+        if self._pending:
+            self._schedule(delay)
+
+    async def _write(self, look: bool) -> None:
+        """Write the buffered events (and with ``look``, read the cancel flag) in one round trip."""
+        async with self._writing:
+            batch = self._pending[:]
+            if not batch and not look:
+                return
+            cancel = await self.rt.jobs.append(self.job, batch, look=look)
+            del self._pending[: len(batch)]
+            if look:
+                self._cancel = self._cancel or cancel
+                self._looked = time.monotonic()
 
     async def check(self) -> None:
-        """A step boundary: raises Cancelled if the user cancelled the job."""
-        if await self.rt.jobs.cancel_requested(self.job.id):
+        """A step boundary: raises Cancelled if the user cancelled the job (as of a look at most LOOK_S
+        old); writes the buffered events on the way when it looks."""
+        if not self._cancel and time.monotonic() - self._looked >= LOOK_S:
+            await self._write(look=True)
+        if self._cancel:
             raise Cancelled("cancelled by the user")
+
+    async def end(self, to: JobState, **fields) -> None:
+        """The attempt's last state change, with the events still buffered, giving back the job's place
+        among its user's running jobs; waits out a Redis outage of up to ``job_write_wait`` seconds."""
+        if self._timer is not None:
+            self._timer.cancel()
+            self._timer = None
+        jobs, job = self.rt.jobs, self.job
+        async with self._writing:
+            batch = self._pending[:]
+            await persistently(
+                lambda: jobs.transition(job, to, {JobState.RUNNING}, events=batch, release=True, **fields),
+                f"job {job.id} {to}",
+                self.settings.job_write_wait,
+            )
+            del self._pending[: len(batch)]
+            self.released = True
+
+    async def close(self) -> None:
+        """After the attempt: no more timed writes; what is still buffered (an attempt cut short by a
+        worker's shutdown) is written if Redis takes it."""
+        if self._timer is not None:
+            self._timer.cancel()
+            self._timer = None
+        if self._pending:
+            with contextlib.suppress(Exception):
+                await asyncio.shield(self._write(look=False))
 
 
 JobFn = Callable[..., Awaitable[dict]]
@@ -111,7 +192,6 @@ async def run_job(rt: Runtime, job_id: str, fn: JobFn, max_attempts: int) -> Non
     """
     await rt.open()
     jobs = rt.jobs
-    wait = rt.settings.job_write_wait
     try:
         job = await jobs.get(job_id)
     except NapError:
@@ -121,54 +201,58 @@ async def run_job(rt: Runtime, job_id: str, fn: JobFn, max_attempts: int) -> Non
         log.info("job %s already %s; not running it again", job_id, job.state)
         return
     cap = rt.settings.user_jobs_running
-    if not await jobs.hold_running(job, cap):
+    try:
+        claim, cancel_requested = await jobs.claim(job, cap)
+    except BaseException:
+        with contextlib.suppress(*UNREACHABLE):  # it may have taken its place; else the hold lapses
+            await jobs.release_running(job)
+        raise
+    if claim is Claim.ENDED:
+        log.info("job %s was cancelled or ended meanwhile; not running it", job_id)
+        return
+    if claim is Claim.NO_ROOM:
         # The user has ``cap`` jobs running already: this one waits its turn in the queue, and the
         # worker's thread serves other users meanwhile.
         log.info("job %s waits: %s has %d jobs running (at most %d at once)", job.id, job.user, cap, cap)
         await send(dramatiq.get_broker(), job.kind, job.id, delay_ms=DEFER_MS)  # type: ignore[arg-type]
         return
+    ctx = JobContext(job, rt, cancel_requested)
     try:
-        await jobs.mark_alive(job.id)
-        if not await jobs.start_attempt(job):
-            return
         beat = asyncio.create_task(_keep_alive(jobs, job))
         try:
-            await _attempt(rt, job, fn, max_attempts, wait)
+            await _attempt(ctx, fn, max_attempts)
         finally:
             beat.cancel()
             with contextlib.suppress(asyncio.CancelledError):
                 await beat
+            await ctx.close()
     finally:
-        with contextlib.suppress(*UNREACHABLE):  # else the hold lapses by itself
-            await jobs.release_running(job)
+        if not ctx.released:
+            with contextlib.suppress(*UNREACHABLE):  # else the hold lapses by itself
+                await jobs.release_running(job)
 
 
-async def _attempt(rt: Runtime, job: Job, fn: JobFn, max_attempts: int, wait: float) -> None:
-    jobs = rt.jobs
-
-    async def end(to: JobState, **fields) -> None:
-        await persistently(lambda: jobs.transition(job, to, {JobState.RUNNING}, **fields), f"job {job.id} {to}", wait)
-
-    ctx = JobContext(job, rt)
+async def _attempt(ctx: JobContext, fn: JobFn, max_attempts: int) -> None:
+    job = ctx.job
     if job.attempts > 1:
         await ctx.log(f"attempt {job.attempts} (an earlier attempt did not finish)")
     try:
         await ctx.check()
         result = await fn(ctx, **job.args)
     except Cancelled as e:
-        await end(JobState.CANCELLED, error=e.message)
+        await ctx.end(JobState.CANCELLED, error=e.message)
     except NapError as e:
-        await end(JobState.FAILED, error=e.message)
+        await ctx.end(JobState.FAILED, error=e.message)
     except Exception as e:  # a bug or an infrastructure failure: maybe transient
         reason = f"{type(e).__name__}: {e}"
         log.error("job %s attempt %d failed:\n%s", job.id, job.attempts, traceback.format_exc())
         if job.attempts >= max_attempts:
-            await end(JobState.FAILED, error=f"{reason} (after {job.attempts} attempts)")
+            await ctx.end(JobState.FAILED, error=f"{reason} (after {job.attempts} attempts)")
             return
-        await end(JobState.QUEUED, error=f"attempt {job.attempts} failed: {reason}; retrying")
+        await ctx.end(JobState.QUEUED, error=f"attempt {job.attempts} failed: {reason}; retrying")
         raise
     else:
-        await end(JobState.SUCCEEDED, result=result, error=None)
+        await ctx.end(JobState.SUCCEEDED, result=result, error=None)
 
 
 async def _keep_alive(jobs: JobStore, job: Job) -> None:

@@ -8,6 +8,7 @@ show as apps.
 
 from __future__ import annotations
 
+import os
 import re
 import shutil
 from pathlib import Path
@@ -76,9 +77,19 @@ def unpublish(settings: Settings, user: str, app: str) -> None:
         shutil.rmtree(old, ignore_errors=True)
 
 
+_JOB_ID = re.compile(r"[0-9a-f]{16}")
+
+
 def versions_of(settings: Settings, user: str, app: str) -> list[Path]:
     """The app's version folders in the layout before releases (``.versions/<app>-<job id>``: not
     those of ``<app>-x``, whose names start alike)."""
-    vdir = versions_dir(settings, user)
-    shape = re.compile(re.escape(app) + r"-[0-9a-f]{16}")
-    return [p for p in vdir.glob(f"{app}-*") if shape.fullmatch(p.name)] if vdir.is_dir() else []
+    # One listing and a fixed pattern: every deploy asks (a regex and a glob per app name cost more
+    # than the rest of the look).
+    prefix = f"{app}-"
+    try:
+        with os.scandir(versions_dir(settings, user)) as entries:
+            return [
+                Path(e.path) for e in entries if e.name.startswith(prefix) and _JOB_ID.fullmatch(e.name[len(prefix) :])
+            ]
+    except (FileNotFoundError, NotADirectoryError):
+        return []

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import asyncio
 import shutil
+from dataclasses import replace
 from typing import Any
 
 from .. import keys
@@ -45,12 +46,31 @@ async def deploy_app(ctx: Context, user: str, app: str, url: str, batch: int | N
         async with quotas.held(ctx.store, user, ctx.job_id):
             new_app = not apps.app_path(settings, user, app).is_dir()
             touched = ("apps", "disk") if new_app else ("disk",)
-            n = await releases.next_number(ctx.store, settings, user, app, ctx.job_id)
-            freed = await releases.pruned_size(ctx.store, settings, user, app, n)
-            await quotas.ensure_within(ctx.store, settings, user, touched, less_disk=freed, more_apps=int(new_app))
+            # Independent reads, at once: the app's releases (read once, for its number and for what
+            # pruning frees), the user's usage and the user's limits.
+            known, used, limit = await asyncio.gather(
+                releases.records(ctx.store, user, app),
+                quotas.usage(ctx.store, settings, user),
+                quotas.limits(ctx.store, settings, user),
+            )
+            n = await releases.next_number(ctx.store, settings, user, app, ctx.job_id, known)
+            freed = await releases.pruned_size(ctx.store, settings, user, app, n, known)
+            # quotas.ensure_within, on what was just read: the staged copy counts (it is in the user's
+            # folder), less what pruning frees, with the app it adds.
+            quotas.within(limit, replace(used, disk=used.disk - freed, apps=used.apps + int(new_app)), touched)
             releases.publish(settings, user, app, staged, n)
-            await releases.record(ctx.store, user, app, n, url=url, digest=digest, job=ctx.job_id, **_sizes(summary))
-            await ctx.store.put(keys.URL.format(user=user, app=app), url)
+            # The release's record and the app's URL in one round trip.
+            known[n] = await releases.record(
+                ctx.store,
+                user,
+                app,
+                n,
+                also={keys.URL.format(user=user, app=app): url},
+                url=url,
+                digest=digest,
+                job=ctx.job_id,
+                **_sizes(summary),
+            )
     finally:
         shutil.rmtree(work, ignore_errors=True)
     path = apps.app_path(settings, user, app)
@@ -59,7 +79,7 @@ async def deploy_app(ctx: Context, user: str, app: str, url: str, batch: int | N
     rolled: dict[str, Any] = {}
     if spec.kind == "common":  # a rollout that stops fails the job before any release is pruned
         rolled = await rollout.roll(ctx, user, app, n, batch)
-    pruned = await releases.prune(ctx.store, settings, user, app)
+    pruned = await releases.prune(ctx.store, settings, user, app, known)
     if pruned:
         await ctx.log(f"pruned release(s) {', '.join(f'v{p}' for p in pruned)}")
     return {

@@ -72,10 +72,13 @@ async def records(store: Store, user: str, app: str) -> dict[int, dict[str, Any]
     return out
 
 
-async def next_number(store: Store, settings: Settings, user: str, app: str, job: str) -> int:
+async def next_number(
+    store: Store, settings: Settings, user: str, app: str, job: str, known: dict[int, dict[str, Any]] | None = None
+) -> int:
     """The number of the release a deploy job publishes: its own again on a retry, else one more than
-    any release there is (recorded or on disk)."""
-    known = await records(store, user, app)
+    any release there is (recorded or on disk). ``known``: the app's records, if just read."""
+    if known is None:
+        known = await records(store, user, app)
     for n, r in known.items():
         if r.get("job") == job:
             return n
@@ -131,9 +134,12 @@ def point(settings: Settings, user: str, app: str, n: int) -> None:
         shutil.rmtree(old, ignore_errors=True)
 
 
-async def record(store: Store, user: str, app: str, n: int, **fields: Any) -> dict[str, Any]:
+async def record(
+    store: Store, user: str, app: str, n: int, also: dict[str, str] | None = None, **fields: Any
+) -> dict[str, Any]:
+    """Record release ``n`` with ``fields``; ``also``: other keys written in the same round trip."""
     value = {"release": n, "time": time.time(), **fields}
-    await store.put(keys.RELEASE.format(user=user, app=app, n=n), json.dumps(value))
+    await store.put_many({keys.RELEASE.format(user=user, app=app, n=n): json.dumps(value), **(also or {})})
     return value
 
 
@@ -147,19 +153,31 @@ def doomed(settings: Settings, user: str, app: str, known: dict[int, Any], keep:
     return sorted(numbers - kept)
 
 
-async def prune(store: Store, settings: Settings, user: str, app: str) -> list[int]:
-    """Remove the releases beyond the kept ones (their folders, then their records)."""
-    gone = doomed(settings, user, app, await records(store, user, app), settings.keep_releases)
+async def prune(
+    store: Store, settings: Settings, user: str, app: str, known: dict[int, Any] | None = None
+) -> list[int]:
+    """Remove the releases beyond the kept ones (their folders, then their records).
+
+    ``known``: the app's records as its deploy last read them, under its user's quota lock, with its
+    own. They may miss a release that another deploy recorded since, but its folder is there by then
+    (a release's folder comes before its record), and the folders and the current link are looked at
+    now: a stale ``known`` can only prune less, never a release that must stay.
+    """
+    if known is None:
+        known = await records(store, user, app)
+    gone = doomed(settings, user, app, known, settings.keep_releases)
     for n in gone:
         shutil.rmtree(release_dir(settings, user, app, n), ignore_errors=True)
     await store.delete_many([keys.RELEASE.format(user=user, app=app, n=n) for n in gone])
     return gone
 
 
-async def pruned_size(store: Store, settings: Settings, user: str, app: str, n: int) -> int:
+async def pruned_size(
+    store: Store, settings: Settings, user: str, app: str, n: int, known: dict[int, Any] | None = None
+) -> int:
     """The disk that pruning frees once release ``n`` is published (what a deploy's quota check may
-    count as about to go)."""
-    known = {**await records(store, user, app), n: {}}
+    count as about to go). ``known``: the app's records, if just read."""
+    known = {**(await records(store, user, app) if known is None else known), n: {}}
     gone = [g for g in doomed(settings, user, app, known, settings.keep_releases) if g != n]
     return await asyncio.to_thread(
         lambda: sum(tree_bytes(release_dir(settings, user, app, g), allocated=True) for g in gone)
