@@ -3,19 +3,23 @@
 from __future__ import annotations
 
 import asyncio
+import json
 import os
 import subprocess
 import time
 import uuid
 from pathlib import Path
+from types import SimpleNamespace
 
 import pytest
 import redis
 import yaml
 
 from nap_orch.cli.client import ApiError
-from nap_orch.errors import NotFound
-from nap_orch.jobs.records import JobState, JobStore
+from nap_orch.config import Settings
+from nap_orch.errors import Cancelled, NotFound
+from nap_orch.jobs.records import Claim, JobState, JobStore
+from nap_orch.jobs.runner import JobContext
 from nap_orch.store.etcd import EtcdStore
 from tests.support.apps import web_app, write_app
 from tests.support.fixtures import LIMITS
@@ -110,6 +114,58 @@ async def test_a_finished_job_and_its_events_expire_after_its_retention(redis_se
         await jobs.close()
 
 
+async def test_a_jobs_lines_are_written_in_batches_in_order_and_promptly(redis_server, tmp_path):
+    """A running job's log lines and progress cost no round trip each: they are written, in order,
+    with its next cancel check or state change, or by a timer soon after (live watchers see them)."""
+    redis_server.start()
+    jobs = JobStore.from_url(redis_server.url, f"test-{uuid.uuid4().hex[:12]}")
+    r, k = jobs.redis, jobs.keys
+    rt = SimpleNamespace(jobs=jobs, settings=Settings.from_env({"NAP_HOME": str(tmp_path)}))
+
+    async def stream(job) -> list[str]:
+        out = []
+        for _, f in await r.xrange(k.job_events(job.id)):
+            data = json.loads(f[b"data"])
+            out.append(data.get("line") or data.get("state") or f"{data.get('done')}/{data.get('total')}")
+        return out
+
+    try:
+        job = await jobs.create("deploy", "alice", {})
+        assert await jobs.claim(job, cap=4) == (Claim.STARTED, False)
+        ctx = JobContext(job, rt)  # type: ignore[arg-type]
+        await ctx.log("one")
+        await ctx.progress(1, 2)
+        await ctx.log("two")
+        for _ in range(200):  # no check, no state change: the timer writes them
+            if len(await stream(job)) == 5:
+                break
+            await asyncio.sleep(0.05)
+        assert await stream(job) == ["queued", "running", "one", "1/2", "two"]
+        await ctx.log("three")
+        await ctx.end(JobState.SUCCEEDED, result={})  # the last lines go with the final state
+        assert await stream(job) == ["queued", "running", "one", "1/2", "two", "three", "succeeded"]
+        assert ctx.released and not await r.zscore(k.user_running("alice"), job.id)
+
+        job = await jobs.create("deploy", "alice", {})
+        assert await jobs.claim(job, cap=4) == (Claim.STARTED, False)
+        ctx = JobContext(job, rt)  # type: ignore[arg-type]
+        await ctx.check()
+        await jobs.request_cancel(await jobs.get(job.id))
+        await ctx.log("four")
+        await asyncio.sleep(0.15)  # a look older than LOOK_S: the check reads the flag, writing the line
+        with pytest.raises(Cancelled):
+            await ctx.check()
+        assert (await stream(job))[-1] == "four"
+        await ctx.end(JobState.CANCELLED, error="cancelled by the user")
+        assert (await stream(job))[-1] == "cancelled"
+        await ctx.close()
+    finally:
+        keys = [key async for key in r.scan_iter(f"{k.ns}:*")]
+        if keys:
+            await r.delete(*keys)
+        await jobs.close()
+
+
 def test_jobs_are_removed_after_nap_job_retention(redis_server, file_server, tmp_path, tmp_path_factory):
     s = NapStack(
         tmp_path_factory.mktemp("nap-ret"), redis_server.url, "", extra_env={**LIMITS, "NAP_JOB_RETENTION": "2"}
@@ -171,6 +227,28 @@ def test_cancel_a_running_job_cleans_up(stack, user, file_server, tmp_path):
     job = stack.wait_job(client, resp["job"])
     assert job["state"] == "cancelled"
     assert not (stack.home / "services" / name / f"{name}_halt").exists()
+    staging = stack.home / "services" / name / ".staging"
+    assert not staging.exists() or not list(staging.iterdir())
+
+
+@pytest.mark.parametrize("stall", ["silent", "silent after its headers", "silent to git"])
+def test_cancel_a_deploy_whose_server_stalls(stack, user, file_server, stall):
+    """A server that sends nothing more holds a download (or a clone) until its idle timeout (30 s),
+    when it would fail as stalled; a cancel meanwhile ends it as cancelled, leaving nothing behind."""
+    name, client = user
+    url = file_server.stall(headers=stall == "silent after its headers")
+    try:
+        resp = client.post("/v1/apps", {"app": "stuck", "url": url + "/app.git" if stall == "silent to git" else url})
+        wait_until(lambda: file_server.requested(url), 60, "the deploy to ask the stalled server")
+        client.post(f"/v1/jobs/{resp['job']}/cancel")
+        job = stack.wait_job(client, resp["job"], timeout=120)  # a missed cancel ends as stalled after 30 s
+    finally:
+        file_server.release(url)
+    assert job["state"] == "cancelled", job
+    assert "stalled" not in job["error"] and "too slow" not in job["error"], job
+    lines = [e["data"]["line"] for e in client.events(f"/v1/jobs/{job['id']}/events") if e["event"] == "log"]
+    assert not any("stalled" in line for line in lines), lines
+    assert not (stack.home / "services" / name / f"{name}_stuck").exists()
     staging = stack.home / "services" / name / ".staging"
     assert not staging.exists() or not list(staging.iterdir())
 

@@ -10,6 +10,7 @@ deploy must not become a way to read what a server answers.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import os
 import socket
 import time
@@ -88,7 +89,7 @@ async def download(
             async with aiohttp.ClientSession(
                 connector=connector, auto_decompress=False, headers=headers, timeout=no_timeout
             ) as session:
-                response = await follow(session, url, idle, log)
+                response = await follow(session, url, idle, log, check)
                 async with response:
                     content_type = media_type(response)
                     if not 200 <= response.status < 300:
@@ -99,7 +100,7 @@ async def download(
                     progress = DownloadProgress(total)
                     next_check = 0.0
                     async with aiofiles.open(file, "wb") as out:
-                        while chunk := await within(idle, response.content.read(CHUNK)):
+                        while chunk := await within(idle, response.content.read(CHUNK), check):
                             received += len(chunk)
                             if received > limit:
                                 raise FetchError(f"download exceeds the limit of {limit} bytes")
@@ -132,13 +133,15 @@ async def download(
     return content_type
 
 
-async def follow(session: aiohttp.ClientSession, url: str, idle: float, log: Log) -> aiohttp.ClientResponse:
+async def follow(
+    session: aiohttp.ClientSession, url: str, idle: float, log: Log, check: Check
+) -> aiohttp.ClientResponse:
     """GET ``url``, following redirects by hand: each hop's URL must pass the checks the first one
     did (http or https, no credentials, no odd spelling of an address); its address is checked when
     it is connected to, like every address."""
     target = URL(url)
     for _ in range(MAX_REDIRECTS + 1):
-        response = await within(idle, session.get(target, allow_redirects=False))
+        response = await within(idle, session.get(target, allow_redirects=False), check)
         location = response.headers.get("Location")
         if response.status not in REDIRECTS or location is None:
             return response
@@ -164,15 +167,27 @@ def hop_refusal(url: URL) -> str | None:
     return spelling_refusal(url.raw_host)
 
 
-async def within(seconds: float, step: Awaitable[T]) -> T:
-    """Await ``step``, raising :class:`Stalled` if it takes longer than ``seconds``."""
+async def within(seconds: float, step: Awaitable[T], check: Check) -> T:
+    """Await ``step``, raising :class:`Stalled` if it takes longer than ``seconds``; meanwhile await
+    ``check`` every ``TICK`` seconds, so that a cancel takes effect while a server sends nothing (not
+    only when bytes arrive). ``step`` is abandoned (cancelled) when either raises."""
+    task = asyncio.ensure_future(step)
+    deadline = time.monotonic() + seconds
     try:
-        async with asyncio.timeout(seconds):
-            return await step
-    except TimeoutError:
-        # Only this timeout's own expiry lands here: the total cap's cancels through it and becomes
-        # its TimeoutError outside.
-        raise Stalled() from None
+        while True:
+            left = deadline - time.monotonic()
+            if left <= 0:
+                raise Stalled()
+            # The total cap's cancel lands here too, and becomes its TimeoutError outside.
+            done, _ = await asyncio.wait({task}, timeout=min(TICK, left))
+            if done:
+                return task.result()
+            await check()
+    finally:
+        if not task.done():
+            task.cancel()
+            with contextlib.suppress(asyncio.CancelledError, Exception):
+                await task
 
 
 def status(code: int) -> str:
