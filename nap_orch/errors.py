@@ -102,6 +102,14 @@ class Exhausted(NapError):
     code = "exhausted"
 
 
+class Superseded(Exception):  # noqa: N818 - a state, as Cancelled is
+    """This attempt of a job was overtaken by a newer attempt of the same job (the reaper requeued a job
+    whose worker it thought lost, while that worker was only cut off from Redis): raised at its next
+    step boundary, it stops the attempt at once, undoing nothing, and leaves the job's record, state
+    and everything it started to the newer attempt (which resumes them: a launch's reservations are
+    keyed by its job)."""
+
+
 class Cancelled(NapError):
     """The job was cancelled by its user; raised at the next step boundary."""
 

@@ -101,6 +101,14 @@ class Job:
         return cls(**{k: v for k, v in data.items() if k in cls.__dataclass_fields__})
 
 
+@dataclass(frozen=True)
+class Look:
+    """What a running attempt reads of its job's record at a step boundary."""
+
+    cancel: bool = False  # its user asked for a cancel
+    attempts: int | None = None  # the record's attempt count: higher than the reader's, it was overtaken
+
+
 # A Lua function for the script below: appends events (a job's log lines and progress not written yet;
 # ``events`` is a JSON list of their field tables) to the job's and the user's streams, in order.
 _APPEND = """
@@ -118,21 +126,25 @@ end
 # ends leaves the set of active jobs, and its record and stream expire after its retention (the
 # record's ``retention`` field, else ARGV[5]; 0 keeps them). Events given in ARGV[6] go first, whether
 # or not the state moves (a job's lines are never dropped); with a fifth key (its user's running jobs)
-# the job leaves that set too, in the same call. Returns the old state or nil. KEYS: record, job
-# stream, user stream, active set[, user's running set]. ARGV: allowed states (JSON), maxlen, event
-# fields (JSON), "1" if the new state is terminal, the default retention (seconds), earlier events
-# (JSON list), then field/value pairs.
+# the job leaves that set too, in the same call. With an attempt number in ARGV[7], nothing moves unless
+# the record is still at that attempt (a fence against an overtaken attempt). Returns the old state or
+# nil. KEYS: record, job stream, user stream, active set[, user's running set]. ARGV: allowed states
+# (JSON), maxlen, event fields (JSON), "1" if the new state is terminal, the default retention
+# (seconds), earlier events (JSON list), the attempt or '', then field/value pairs.
 _TRANSITION = (
     _APPEND
     + """
 local cur = redis.call('HGET', KEYS[1], 'state')
 if not cur then return false end
 append(KEYS[2], KEYS[3], ARGV[2], ARGV[6])
+if ARGV[7] ~= '' and redis.call('HGET', KEYS[1], 'attempts') ~= ARGV[7] then
+  return false  -- an attempt overtaken by a newer one: the record and the running place are that one's
+end
 if KEYS[5] then redis.call('ZREM', KEYS[5], cjson.decode(ARGV[3]).job) end
 local allowed = cjson.decode(ARGV[1])
 for _, s in ipairs(allowed) do
   if cjson.encode(s) == cur then
-    for i = 7, #ARGV, 2 do redis.call('HSET', KEYS[1], ARGV[i], ARGV[i+1]) end
+    for i = 8, #ARGV, 2 do redis.call('HSET', KEYS[1], ARGV[i], ARGV[i+1]) end
     local ev = cjson.decode(ARGV[3])
     if ARGV[4] == '1' then redis.call('ZREM', KEYS[4], ev.job) end
     local fields = {'type', ev.type, 'job', ev.job, 'kind', ev.kind, 't', ev.t, 'data', ev.data}
@@ -315,6 +327,7 @@ class JobStore:
         *,
         events: Sequence[dict[str, str]] = (),
         release: bool = False,
+        attempt: int | None = None,
         **fields,
     ) -> bool:
         """Move ``job`` to state ``to`` if it is now in one of ``allowed``; set ``fields`` too.
@@ -322,6 +335,8 @@ class JobStore:
         :param events: events made earlier (``event``) and not written yet: they go first, in order, in
             the same call, whether or not the state moves.
         :param release: the job also leaves its user's running jobs (``hold_running``).
+        :param attempt: move only while the record is at this attempt (an attempt's own end: a newer
+            attempt that overtook it owns the record).
         """
         updates = {"state": to.value, **fields}
         if to.terminal:
@@ -337,6 +352,7 @@ class JobStore:
             "1" if to.terminal else "0",
             DEFAULT_RETENTION,
             json.dumps(list(events)),
+            "" if attempt is None else str(attempt),
         ]
         for k, v in updates.items():
             argv += [k, json.dumps(v)]
@@ -427,18 +443,25 @@ class JobStore:
         return (await self.redis.hget(self.keys.job(job_id), "cancel_requested")) == b"true"
 
     # -- events ----------------------------------------------------------------------------------
-    async def append(self, job: Job, events: Sequence[dict[str, str]], look: bool = False) -> bool:
+    async def append(self, job: Job, events: Sequence[dict[str, str]], look: bool = False) -> Look:
         """Append ``events`` (made by ``event``) to the job's and its user's streams, in order and all
-        or none, in one round trip; with ``look``, in the same round trip, say whether a cancel was
-        requested (else False)."""
+        or none, in one round trip; with ``look``, in the same round trip, read whether a cancel was
+        requested and which attempt the record is at (else nothing)."""
         async with self.redis.pipeline(transaction=True) as p:
             for fields in events:
                 p.xadd(self.keys.job_events(job.id), fields, maxlen=STREAM_MAXLEN, approximate=True)
                 p.xadd(self.keys.user_events(job.user), fields, maxlen=STREAM_MAXLEN, approximate=True)
             if look:
-                p.hget(self.keys.job(job.id), "cancel_requested")
+                p.hmget(self.keys.job(job.id), ["cancel_requested", "attempts"])
             replies = await p.execute()
-        return look and replies[-1] == b"true"
+        if not look:
+            return Look()
+        cancel, attempts = replies[-1]
+        try:
+            latest = int(attempts) if attempts is not None else None
+        except ValueError:
+            latest = None
+        return Look(cancel == b"true", latest)
 
     def event(self, job: Job, type_: str, data: dict) -> dict[str, str]:
         """An event of the job, stamped now, to be written later (``append``, ``transition``)."""

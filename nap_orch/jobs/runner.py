@@ -15,7 +15,7 @@ import dramatiq
 from ..config import Settings
 from ..engines.base import Engine
 from ..engines.registry import open_engine
-from ..errors import Cancelled, NapError
+from ..errors import Cancelled, NapError, Superseded
 from ..store import open_store
 from ..store.base import Store
 from .broker import send
@@ -74,6 +74,7 @@ class JobContext:
         self._timer: asyncio.TimerHandle | None = None
         self._flusher: asyncio.Task | None = None
         self._cancel = cancel_requested
+        self._overtaken_by: int | None = None  # a newer attempt of the job, seen at a look
         self._looked = time.monotonic()  # the claim that started the attempt looked
         self.released = False  # its user's running place was given back with its last state change
 
@@ -136,36 +137,47 @@ class JobContext:
             batch = self._pending[:]
             if not batch and not look:
                 return
-            cancel = await self.rt.jobs.append(self.job, batch, look=look)
+            seen = await self.rt.jobs.append(self.job, batch, look=look)
             del self._pending[: len(batch)]
             if look:
-                self._cancel = self._cancel or cancel
+                self._cancel = self._cancel or seen.cancel
+                if seen.attempts is not None and seen.attempts > self.job.attempts:
+                    self._overtaken_by = seen.attempts
                 self._looked = time.monotonic()
 
     async def check(self) -> None:
-        """A step boundary: raises Cancelled if the user cancelled the job (as of a look at most LOOK_S
-        old); writes the buffered events on the way when it looks."""
+        """A step boundary: raises Cancelled if the user cancelled the job, Superseded if a newer attempt
+        of it has started (as of a look at most LOOK_S old); writes the buffered events on the way when
+        it looks."""
         if not self._cancel and time.monotonic() - self._looked >= LOOK_S:
             await self._write(look=True)
+        if self._overtaken_by is not None:
+            raise Superseded(f"attempt {self.job.attempts} overtaken by attempt {self._overtaken_by}")
         if self._cancel:
             raise Cancelled("cancelled by the user")
 
-    async def end(self, to: JobState, **fields) -> None:
+    async def end(self, to: JobState, **fields) -> bool:
         """The attempt's last state change, with the events still buffered, giving back the job's place
-        among its user's running jobs; waits out a Redis outage of up to ``job_write_wait`` seconds."""
+        among its user's running jobs; waits out a Redis outage of up to ``job_write_wait`` seconds.
+        False if the state did not move: the job is no longer this attempt's (a newer attempt overtook
+        it, or it was ended meanwhile)."""
         if self._timer is not None:
             self._timer.cancel()
             self._timer = None
         jobs, job = self.rt.jobs, self.job
         async with self._writing:
             batch = self._pending[:]
-            await persistently(
-                lambda: jobs.transition(job, to, {JobState.RUNNING}, events=batch, release=True, **fields),
+            attempt = job.attempts
+            moved = await persistently(
+                lambda: jobs.transition(
+                    job, to, {JobState.RUNNING}, events=batch, release=True, attempt=attempt, **fields
+                ),
                 f"job {job.id} {to}",
                 self.settings.job_write_wait,
             )
             del self._pending[: len(batch)]
-            self.released = True
+            self.released = True  # or it is the newer attempt's, or the job ended: not this one's to give
+            return moved
 
     async def close(self) -> None:
         """After the attempt: no more timed writes; what is still buffered (an attempt cut short by a
@@ -239,6 +251,11 @@ async def _attempt(ctx: JobContext, fn: JobFn, max_attempts: int) -> None:
     try:
         await ctx.check()
         result = await fn(ctx, **job.args)
+    except Superseded as e:
+        # stop here, undoing nothing: the job, its record and its running place are the newer attempt's
+        log.warning("job %s: %s; this attempt stops", job.id, e)
+        ctx.released = True
+        return
     except Cancelled as e:
         await ctx.end(JobState.CANCELLED, error=e.message)
     except NapError as e:
@@ -249,8 +266,9 @@ async def _attempt(ctx: JobContext, fn: JobFn, max_attempts: int) -> None:
         if job.attempts >= max_attempts:
             await ctx.end(JobState.FAILED, error=f"{reason} (after {job.attempts} attempts)")
             return
-        await ctx.end(JobState.QUEUED, error=f"attempt {job.attempts} failed: {reason}; retrying")
-        raise
+        if await ctx.end(JobState.QUEUED, error=f"attempt {job.attempts} failed: {reason}; retrying"):
+            raise
+        log.warning("job %s attempt %d: not retried, the job is no longer this attempt's", job.id, job.attempts)
     else:
         await ctx.end(JobState.SUCCEEDED, result=result, error=None)
 

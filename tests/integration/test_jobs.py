@@ -17,7 +17,8 @@ import yaml
 
 from nap_orch.cli.client import ApiError
 from nap_orch.config import Settings
-from nap_orch.errors import Cancelled, NotFound
+from nap_orch.errors import Cancelled, NotFound, Superseded
+from nap_orch.jobs import runner
 from nap_orch.jobs.records import Claim, JobState, JobStore
 from nap_orch.jobs.runner import JobContext
 from nap_orch.store.etcd import EtcdStore
@@ -159,6 +160,72 @@ async def test_a_jobs_lines_are_written_in_batches_in_order_and_promptly(redis_s
         await ctx.end(JobState.CANCELLED, error="cancelled by the user")
         assert (await stream(job))[-1] == "cancelled"
         await ctx.close()
+    finally:
+        keys = [key async for key in r.scan_iter(f"{k.ns}:*")]
+        if keys:
+            await r.delete(*keys)
+        await jobs.close()
+
+
+async def test_an_attempt_overtaken_by_a_newer_one_stops_and_leaves_the_job_to_it(redis_server, tmp_path, monkeypatch):
+    """The reaper requeues a job whose worker it thinks lost; if that worker was only cut off from Redis,
+    two attempts run. The older one stops at its next step: it neither ends, fails, retries nor undoes
+    the job (a launch's rollback would remove what the newer attempt resumes), and the newer owns it."""
+    monkeypatch.setattr(runner, "LOOK_S", 0.0)  # every check looks
+    redis_server.start()
+    jobs = JobStore.from_url(redis_server.url, f"test-{uuid.uuid4().hex[:12]}")
+    r, k = jobs.redis, jobs.keys
+    rt = SimpleNamespace(jobs=jobs, settings=Settings.from_env({"NAP_HOME": str(tmp_path)}))
+
+    async def overtaken() -> tuple[JobContext, JobContext]:
+        """A job's attempt 1, and its attempt 2 after the reaper requeued it."""
+        first = await jobs.create("start_common", "alice", {})
+        assert await jobs.claim(first, cap=4) == (Claim.STARTED, False)
+        assert await jobs.transition(await jobs.get(first.id), JobState.QUEUED, {JobState.RUNNING}, error="lost")
+        second = await jobs.get(first.id)
+        assert await jobs.claim(second, cap=4) == (Claim.STARTED, False)
+        assert (first.attempts, second.attempts) == (1, 2)
+        return JobContext(first, rt), JobContext(second, rt)  # type: ignore[arg-type]
+
+    try:
+        old, new = await overtaken()
+        await old.log("still here")
+        with pytest.raises(Superseded, match="attempt 1 overtaken by attempt 2"):
+            await old.check()
+        await new.check()  # the newer attempt goes on
+        assert not await old.end(JobState.FAILED, error="from the old attempt")  # moves nothing
+        record = await jobs.get(old.job_id)
+        assert (record.state, record.attempts, record.error) == ("running", 2, "lost")
+        assert await new.end(JobState.SUCCEEDED, result={"n": 1})
+        assert (await jobs.get(old.job_id)).state == "succeeded"
+
+        # through the runner: an overtaken attempt that reaches a step returns, leaving all to the newer
+        old, new = await overtaken()
+        undone = []
+
+        async def launch(ctx) -> dict:
+            try:
+                await ctx.check()
+            except Superseded:
+                raise
+            except BaseException:
+                undone.append(True)
+                raise
+            return {}
+
+        await runner._attempt(old, launch, 3)
+        record = await jobs.get(old.job_id)
+        assert (record.state, record.attempts) == ("running", 2) and not undone
+        assert old.released  # the running place is the newer attempt's: not given back
+        assert await r.zscore(k.user_running("alice"), old.job_id) is not None
+
+        # an overtaken attempt that fails is not retried (its error would send a third attempt)
+        async def fails(ctx) -> dict:
+            raise RuntimeError("etcd went away")
+
+        await runner._attempt(old, fails, 3)  # no raise: dramatiq retries nothing
+        assert (await jobs.get(old.job_id)).state == "running"
+        await new.end(JobState.SUCCEEDED, result={})
     finally:
         keys = [key async for key in r.scan_iter(f"{k.ns}:*")]
         if keys:

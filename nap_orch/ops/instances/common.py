@@ -15,7 +15,7 @@ from ... import keys, units
 from ...config import Settings
 from ...engines.base import ENDED, RUNNING, InstanceStatus, UnitSpec
 from ...engines.ports import Ports, bindable
-from ...errors import AppError, BadRequest, EngineError, Exhausted, QuotaExceeded
+from ...errors import AppError, BadRequest, EngineError, Exhausted, QuotaExceeded, Superseded
 from ...store.base import Store
 from .. import apps, profile, quotas, releases, tenants
 from ..context import Context
@@ -189,6 +189,8 @@ async def start_common(
             await ctx.log(f"submitted {len(submitted)}/{len(slots)} unit(s)")
             await ctx.progress(len(submitted), len(slots) * 2, phase="submitted")
         states = await wait_settled(ctx, [s.name for s in slots], len(slots))
+    except Superseded:  # the newer attempt resumes what this one started: nothing to undo
+        raise
     except BaseException as e:  # a failure, a cancel or a worker shutdown: leave nothing half-started
         await ctx.log(f"rolling back: {first_line(e)}")
         await rollback(ctx, user, app, slots, submitted, host, ports)

@@ -23,7 +23,7 @@ from typing import Any
 from ... import keys, rank, units
 from ...config import Settings
 from ...engines.base import UnitSpec
-from ...errors import AppError, BadRequest, QuotaExceeded
+from ...errors import AppError, BadRequest, QuotaExceeded, Superseded
 from ...names import InstanceName, Kind
 from .. import apps, profile, quotas, tenants
 from ..context import Context, Resources
@@ -202,6 +202,8 @@ async def start_mpi(ctx: Context, user: str, app: str, params: dict[str, Any]) -
         names = [s.name for s in specs]
         states = await wait_settled(ctx, names, len(names))
         slaves = await publish_slaves(ctx, user, app, run, hosts, folder)
+    except Superseded:  # the newer attempt resumes what this one started: nothing to undo
+        raise
     except BaseException as e:
         await ctx.log(f"rolling back run {run}: {first_line(e)}")
         if names:
