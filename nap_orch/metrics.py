@@ -97,6 +97,8 @@ STORE_OPS = (
     "get_prefix",
     "delete_prefix",
     "lease",
+    "lock",
+    "unlock",
 )
 
 

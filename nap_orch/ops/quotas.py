@@ -105,8 +105,17 @@ def reservation(job: str, memory: int | None, units: int = 1, **more: Any) -> st
 
 async def usage(store: Store, settings: Settings, user: str) -> Amounts:
     """What the user uses now: reservations (instances and their memory), deployed apps, and the disk
-    of the user's app and instance folders."""
-    reserved = await store.get_prefix(keys.INSTANCES_OF_USER.format(user=user))
+    of the user's app and instance folders (the two reads and the folders' walk at once)."""
+    reserved, urls, disk = await asyncio.gather(
+        store.get_prefix(keys.INSTANCES_OF_USER.format(user=user)),
+        store.get_prefix(keys.URLS_OF_USER.format(user=user)),
+        asyncio.to_thread(
+            lambda: (
+                tree_bytes(settings.services_dir / user, allocated=True)
+                + tree_bytes(settings.apps_dir / user, allocated=True)
+            )
+        ),
+    )
     instances = memory = 0
     for value in reserved.values():
         try:
@@ -117,14 +126,7 @@ async def usage(store: Store, settings: Settings, user: str) -> Amounts:
         each = held.get("memory") if isinstance(held.get("memory"), int) else UNSET_MEMORY
         instances += units
         memory += units * each
-    apps = len(await store.get_prefix(keys.URLS_OF_USER.format(user=user)))
-    disk = await asyncio.to_thread(
-        lambda: (
-            tree_bytes(settings.services_dir / user, allocated=True)
-            + tree_bytes(settings.apps_dir / user, allocated=True)
-        )
-    )
-    return Amounts(instances=instances, apps=apps, disk=disk, memory=memory)
+    return Amounts(instances=instances, apps=len(urls), disk=disk, memory=memory)
 
 
 def check(limit: Amounts, used: Amounts, adding: Amounts) -> None:
@@ -182,27 +184,31 @@ async def ensure_reserved(store: Store, settings: Settings, user: str, more_disk
 async def held(store: Store, user: str, owner: str, wait: float = 60.0) -> AsyncIterator[None]:
     """The user's quota lock, for the block: a launch reserves its numbers and counts them with no
     other launch of the user in between (else two launches at once could each see the other's
-    reservations and both fail, or neither's and both pass). A lease frees it if its holder dies."""
+    reservations and both fail, or neither's and both pass).
+
+    ``owner`` is the job: an earlier attempt of the same job that died holding it is taken over at
+    once. The lock is the store's (``Store.lock``): one request to take it, one to give it back, and
+    it lapses at most ``store.lock_ttl`` (30) seconds after its worker dies, so nothing waits for ever."""
     key = keys.QUOTA_LOCK.format(user=user)
-    lease = await store.lease(30)
     deadline = time.monotonic() + wait
     pause = 0.02
-    try:
-        while not await store.create(key, owner, lease):
-            if await store.get(key) == owner:  # an earlier attempt of the same job took it and died
-                await store.put(key, owner, lease)
-                break
-            if time.monotonic() > deadline:
-                raise TimeoutError(f"the quota lock of {user} stayed taken for {wait:g} s")
-            await asyncio.sleep(pause)
-            pause = min(pause * 2, 0.5)
+    while True:
         try:
-            yield
-        finally:
-            if await store.get(key) == owner:
-                await store.delete(key)
+            holder = await store.lock(key, owner)
+        except BaseException:  # cancelled (or cut off) in flight: it may have been taken all the same
+            with contextlib.suppress(Exception):
+                await store.unlock(key, owner)
+            raise
+        if holder is None:
+            break
+        if time.monotonic() > deadline:
+            raise TimeoutError(f"the quota lock of {user} stayed taken for {wait:g} s")
+        await asyncio.sleep(pause)
+        pause = min(pause * 2, 0.5)
+    try:
+        yield
     finally:
-        await lease.revoke()
+        await store.unlock(key, owner)
 
 
 async def app_size(settings: Settings, user: str, app: str) -> int:

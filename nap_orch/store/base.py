@@ -8,12 +8,18 @@ from __future__ import annotations
 
 import abc
 import asyncio
-from collections.abc import Awaitable, Iterable
+import contextlib
+import logging
+from collections.abc import Awaitable, Callable, Iterable
 from typing import TypeVar
 
 T = TypeVar("T")
 # Requests in flight at once for the many-key operations below (etcd takes ~5,000 puts/s with 32 in flight).
 IN_FLIGHT = 64
+# Seconds a lock outlives its holder (the process that took it dies or loses the server) at most.
+LOCK_TTL = 30
+
+log = logging.getLogger("nap.store")
 
 
 async def gather_limited(coros: Iterable[Awaitable[T]], limit: int = IN_FLIGHT) -> list[T]:
@@ -56,7 +62,38 @@ class Lease(abc.ABC):
     async def revoke(self) -> None: ...
 
 
+class Upkeep:
+    """A store's background work for the locks it holds: ``tick`` every ``every`` seconds, from the first
+    ``start`` until ``stop``. A tick that fails (the server away for a while) is tried again at the next."""
+
+    def __init__(self, tick: Callable[[], Awaitable[None]], every: float):
+        self._tick = tick
+        self.every = every
+        self._task: asyncio.Task | None = None
+
+    def start(self) -> None:
+        if self._task is None or self._task.done():
+            self._task = asyncio.get_running_loop().create_task(self._run())
+
+    async def _run(self) -> None:
+        while True:
+            await asyncio.sleep(self.every)
+            try:
+                await self._tick()
+            except Exception as error:  # noqa: BLE001 - the next tick tries again; a lock outlives a few
+                log.warning("keeping the store's locks alive failed (tried again in %g s): %s", self.every, error)
+
+    async def stop(self) -> None:
+        task, self._task = self._task, None
+        if task is not None:
+            task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await task
+
+
 class Store(abc.ABC):
+    lock_ttl: int = LOCK_TTL
+
     async def open(self) -> Store:
         """Connect; returns self. Idempotent."""
         return self
@@ -103,6 +140,23 @@ class Store(abc.ABC):
     @abc.abstractmethod
     async def lease(self, ttl: int) -> Lease:
         """Grant a lease of ``ttl`` seconds."""
+
+    @abc.abstractmethod
+    async def lock(self, key: str, owner: str) -> str | None:
+        """Take the lock ``key`` (its value: ``owner``) in one round trip: create it, or take it over when
+        its value is ``owner`` already (whoever holds it: an earlier attempt of the same job that died).
+        None when this store holds it now; else the value of the lock as it is (its owner).
+
+        A lock lasts until ``unlock``, or until this store is closed. The store keeps it alive in the
+        background (etcd: one lease of ``lock_ttl`` for all the store's locks, refreshed; Redis: the
+        locks' own expiry, renewed), so it lapses at most ``lock_ttl`` seconds after its holder's
+        process dies or loses the server, and never while the holder lives and reaches the server."""
+
+    @abc.abstractmethod
+    async def unlock(self, key: str, owner: str) -> bool:
+        """Delete the lock ``key`` if this store holds it for ``owner`` (taken by its ``lock`` and not taken
+        over since by another store), in one round trip; True when it did. A lock whose unlock raised (the
+        server away) still goes: at the store's next upkeep, or when it lapses."""
 
     async def __aenter__(self) -> Store:
         return await self.open()

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 from collections.abc import Awaitable, Callable
 from typing import TypeVar
 from urllib.parse import unquote
@@ -13,7 +14,7 @@ from aetcd import rpc
 from aetcd import transactions as ops
 
 from .. import metrics
-from .base import Lease, LeaseExpired, Store
+from .base import LOCK_TTL, Lease, LeaseExpired, Store, Upkeep
 
 T = TypeVar("T")
 
@@ -84,6 +85,14 @@ def _is_lease_not_found(error: Exception) -> bool:
     return "lease not found" in str(error)
 
 
+class _LeaseIs(ops.BaseCompare):
+    """A transaction's comparison of the lease a key is attached to (etcd 3.3+; aetcd has none)."""
+
+    def build_compare(self, compare: rpc.Compare) -> None:
+        compare.target = rpc.Compare.LEASE
+        compare.lease = self.value
+
+
 class EtcdLease(Lease):
     """An etcd lease. etcd grants at least its minimum TTL (2 s with default timings), so ``ttl``
     is the granted one, which may exceed the one asked for."""
@@ -119,9 +128,11 @@ class EtcdStore(Store):
         written ``user:password@host:port`` where etcd's authentication is on. The store talks to the
         first that answers, and moves on to the next when that one stops answering.
     :param timeout: seconds any one request may take.
+    :param lock_ttl: seconds a lock outlives its holder at most (see ``Store.lock``): the TTL of the one
+        lease that all the store's locks are attached to, refreshed every third of it.
     """
 
-    def __init__(self, endpoints: str, timeout: float = 10.0):
+    def __init__(self, endpoints: str, timeout: float = 10.0, lock_ttl: int = LOCK_TTL):
         self.endpoints = [_parse_endpoint(e) for e in endpoints.split(",") if e.strip()]
         if not self.endpoints:
             raise ValueError("no etcd endpoint given")
@@ -134,6 +145,11 @@ class EtcdStore(Store):
         self._current = 0  # index into endpoints of the one in use
         self._connecting: asyncio.Lock | None = None
         self._closing: set[asyncio.Task] = set()
+        self.lock_ttl = lock_ttl
+        self._session: EtcdLease | None = None  # the lease of this store's locks, granted at the first
+        self._granting: asyncio.Lock | None = None
+        self._unlocking: dict[str, tuple[str, int]] = {}  # unlocks that failed: key -> (owner, lease id)
+        self._upkeep = Upkeep(self._keep_locks, lock_ttl / 3)
 
     @property
     def endpoint(self) -> str:
@@ -235,6 +251,11 @@ class EtcdStore(Store):
         raise AssertionError("unreachable")
 
     async def close(self) -> None:
+        await self._upkeep.stop()
+        session, self._session = self._session, None
+        if session is not None and self._client is not None:  # its locks go with it
+            with contextlib.suppress(ConnectionError, aetcd.exceptions.ClientError):
+                await session.revoke()
         client, self._client = self._client, None
         if client is not None:
             await client.close()
@@ -320,6 +341,100 @@ class EtcdStore(Store):
             raise ValueError(f"a lease lasts at least 1 s, not {ttl}")
         granted = await self._run(lambda client: client.lease(int(ttl)))
         return EtcdLease(self, granted.id, granted.ttl)
+
+    # -- locks -----------------------------------------------------------------------------------
+
+    async def _lock_lease(self) -> EtcdLease:
+        """The lease of this store's locks (granted at the first lock, then kept alive by the upkeep)."""
+        if self._granting is None:
+            self._granting = asyncio.Lock()
+        async with self._granting:
+            if self._session is None:
+                self._session = await self.lease(self.lock_ttl)
+                self._upkeep.start()
+            return self._session
+
+    async def lock(self, key: str, owner: str) -> str | None:
+        encoded, value = key.encode(), owner.encode()
+        for attempt in (1, 2):
+            lease = await self._lock_lease()
+
+            async def request(client: aetcd.Client, lease_id: int = lease.id) -> str | None:
+                tx = client.transactions
+                # Created, or taken over from the same owner, or else who holds it: one round trip.
+                succeeded, replies = await client.transaction(
+                    compare=[tx.version(encoded) == 0],
+                    success=[tx.put(encoded, value, lease=lease_id)],
+                    failure=[
+                        ops.Txn(
+                            compare=[tx.value(encoded) == value],
+                            success=[tx.put(encoded, value, lease=lease_id)],
+                            failure=[tx.get(encoded)],
+                        )
+                    ],
+                )
+                if succeeded:
+                    return None
+                inner = replies[0].response_txn
+                if inner.succeeded:
+                    return None
+                kvs = inner.responses[0].response_range.kvs
+                return kvs[0].value.decode() if kvs else ""  # "": deleted just now by its holder
+
+            try:
+                held = await self._run(request)
+            except aetcd.exceptions.ClientError as error:
+                if attempt == 2 or not _is_lease_not_found(error):
+                    raise
+                self._lost(lease)  # it lapsed (this process stalled, or etcd was away, too long): a new one
+                continue
+            if held is None:
+                self._unlocking.pop(key, None)  # taken again: no older unlock may delete it
+            return held
+        raise AssertionError("unreachable")
+
+    async def unlock(self, key: str, owner: str) -> bool:
+        session = self._session
+        if session is None:
+            return False  # no lock of this store's is alive
+        try:
+            return await self._unlock(key, owner, session.id)
+        except BaseException:
+            # Kept alive by the store's lease, it would not lapse: the upkeep deletes it later.
+            self._unlocking[key] = (owner, session.id)
+            raise
+
+    async def _unlock(self, key: str, owner: str, lease_id: int) -> bool:
+        encoded = key.encode()
+
+        async def request(client: aetcd.Client) -> bool:
+            tx = client.transactions
+            succeeded, _ = await client.transaction(
+                compare=[tx.value(encoded) == owner.encode(), _LeaseIs(encoded) == lease_id],
+                success=[tx.delete(encoded)],
+                failure=[],
+            )
+            return succeeded
+
+        return await self._run(request)
+
+    def _lost(self, lease: EtcdLease) -> None:
+        if self._session is lease:
+            self._session = None
+            self._unlocking.clear()  # their lease is gone, and they with it
+
+    async def _keep_locks(self) -> None:
+        """The upkeep's tick: the locks' lease refreshed, and the unlocks that failed tried again."""
+        session = self._session
+        if session is not None:
+            try:
+                await session.refresh()
+            except LeaseExpired:
+                self._lost(session)
+        for key, (owner, lease_id) in list(self._unlocking.items()):
+            await self._unlock(key, owner, lease_id)
+            if self._unlocking.get(key) == (owner, lease_id):
+                del self._unlocking[key]
 
     def __repr__(self) -> str:
         return f"EtcdStore({self._describe()!r})"

@@ -44,9 +44,13 @@ class MemoryStore(Store):
         self._data: dict[str, str] = {}
         self._owner: dict[str, int] = {}  # key -> the id of the lease it was put with
         self._leases: dict[int, MemoryLease] = {}
+        self._locks: set[str] = set()  # the locks this store took (they live as long as the process)
 
     async def close(self) -> None:
-        pass
+        for key in self._locks:
+            self._data.pop(key, None)
+            self._owner.pop(key, None)
+        self._locks.clear()
 
     def _drop_lease(self, lease_id: int) -> None:
         self._leases.pop(lease_id, None)
@@ -119,6 +123,25 @@ class MemoryStore(Store):
             self._owner.pop(key, None)
             del self._data[key]
         return len(gone)
+
+    async def lock(self, key: str, owner: str) -> str | None:
+        await asyncio.sleep(0)
+        self._expire()
+        held = self._data.get(key)
+        if held is not None and held != owner:
+            return held
+        self._set(key, owner, None)
+        self._locks.add(key)
+        return None
+
+    async def unlock(self, key: str, owner: str) -> bool:
+        await asyncio.sleep(0)
+        self._expire()
+        if key not in self._locks or self._data.get(key) != owner or key in self._owner:
+            return False
+        self._locks.discard(key)
+        del self._data[key]
+        return True
 
     async def lease(self, ttl: int) -> MemoryLease:
         if ttl < 1:

@@ -4,13 +4,17 @@ Layout, under ``<namespace>:``
   - ``kv:<key>``: a string, the value of ``<key>`` (keys put with a lease carry a PX TTL);
   - ``kvindex``: a sorted set of every key, all scores 0, so ZRANGEBYLEX reads a prefix in key order
     without SCAN/KEYS. A key that expired leaves its index entry behind; prefix reads skip it and drop it;
-  - ``lease:<id>``: a lease, alive as long as this key is (PX TTL).
+  - ``lease:<id>``: a lease, alive as long as this key is (PX TTL);
+  - ``lockedby:<key>``: which store holds the lock ``<key>`` (a token of that store object), beside its
+    value (the lock's owner) in ``kv:<key>``; both expire together (PX ``lock_ttl``), renewed by the
+    holder every third of that while it lives.
 """
 
 from __future__ import annotations
 
 import contextlib
 import secrets
+import time
 from typing import Any
 from urllib.parse import urlsplit, urlunsplit
 
@@ -20,7 +24,7 @@ from redis.asyncio.retry import Retry
 from redis.backoff import NoBackoff
 
 from .. import metrics
-from .base import Lease, LeaseExpired, Store
+from .base import LOCK_TTL, Lease, LeaseExpired, Store, Upkeep
 
 # Every script touches keys it computes from its arguments: fine on one server (not on Redis Cluster).
 
@@ -101,6 +105,42 @@ return 0
 """
 
 
+# KEYS: index, value key, holder key. ARGV: key, owner, this store's token, ttl in ms.
+# Takes the lock (or takes it over from the same owner): nil; else returns its value.
+_LOCK = """
+local held = redis.call('GET', KEYS[2])
+if held and held ~= ARGV[2] then return held end
+redis.call('SET', KEYS[2], ARGV[2], 'PX', ARGV[4])
+redis.call('SET', KEYS[3], ARGV[3], 'PX', ARGV[4])
+redis.call('ZADD', KEYS[1], 0, ARGV[1])
+return false
+"""
+
+# KEYS: index, value key, holder key. ARGV: key, owner, this store's token. 1 when deleted.
+_UNLOCK = """
+if redis.call('GET', KEYS[2]) ~= ARGV[2] or redis.call('GET', KEYS[3]) ~= ARGV[3] then return 0 end
+redis.call('DEL', KEYS[2], KEYS[3])
+redis.call('ZREM', KEYS[1], ARGV[1])
+return 1
+"""
+
+# ARGV: ttl in ms, value-key prefix, holder-key prefix, this store's token, key1, owner1, key2, owner2, ...
+# Renews the locks this store still holds; returns the keys of those it no longer does.
+_KEEP_LOCKS = """
+local lost = {}
+for i = 5, #ARGV, 2 do
+  local value, holder = ARGV[2] .. ARGV[i], ARGV[3] .. ARGV[i]
+  if redis.call('GET', value) == ARGV[i + 1] and redis.call('GET', holder) == ARGV[4] then
+    redis.call('PEXPIRE', value, ARGV[1])
+    redis.call('PEXPIRE', holder, ARGV[1])
+  else
+    lost[#lost + 1] = ARGV[i]
+  end
+end
+return lost
+"""
+
+
 def _prefix_bounds(prefix: str) -> tuple[bytes, bytes]:
     """ZRANGEBYLEX bounds of the keys that start with ``prefix`` (byte-wise, as etcd's prefix ranges)."""
     if not prefix:
@@ -159,16 +199,22 @@ class RedisStore(Store):
     :param redis_url: ``redis://host:port/db`` (or ``unix://``), as redis-py reads it.
     :param namespace: the prefix of every Redis key this store owns, so that several share one server.
     :param max_connections: at most this many connections; more concurrent calls wait for one.
+    :param lock_ttl: seconds a lock outlives its holder at most (see ``Store.lock``).
     """
 
-    def __init__(self, redis_url: str, namespace: str = "nap", max_connections: int = 64):
+    def __init__(self, redis_url: str, namespace: str = "nap", max_connections: int = 64, lock_ttl: int = LOCK_TTL):
         self.redis_url = redis_url
         self.namespace = namespace
         self.max_connections = max_connections
+        self.lock_ttl = lock_ttl
         self._kv = f"{namespace}:kv:"
         self._index = f"{namespace}:kvindex"
+        self._lockedby = f"{namespace}:lockedby:"
         self._redis: aioredis.Redis | None = None
         self._scripts: dict = {}
+        self._token = secrets.token_hex(8)  # names this store object as the holder of its locks
+        self._locks: dict[str, tuple[str, float]] = {}  # the locks it holds: key -> (owner, when taken)
+        self._upkeep = Upkeep(self._keep_locks, lock_ttl / 3)
 
     def _client(self) -> Any:  # replies are bytes | str to redis-py's annotations; str here (decode_responses)
         if self._redis is None:
@@ -190,6 +236,9 @@ class RedisStore(Store):
                 "delete_prefix": self._redis.register_script(_DELETE_PREFIX),
                 "refresh": self._redis.register_script(_REFRESH),
                 "revoke": self._redis.register_script(_REVOKE),
+                "lock": self._redis.register_script(_LOCK),
+                "unlock": self._redis.register_script(_UNLOCK),
+                "keep_locks": self._redis.register_script(_KEEP_LOCKS),
             }
         return self._redis
 
@@ -214,6 +263,10 @@ class RedisStore(Store):
         return self
 
     async def close(self) -> None:
+        await self._upkeep.stop()
+        for key, (owner, _) in list(self._locks.items()):
+            with contextlib.suppress(ConnectionError):
+                await self.unlock(key, owner)
         client, self._redis = self._redis, None
         if client is not None:
             await client.aclose()
@@ -275,6 +328,36 @@ class RedisStore(Store):
     async def delete_prefix(self, prefix: str) -> int:
         low, high = _prefix_bounds(prefix)
         return await self._eval("delete_prefix", [self._index], [low, high, self._kv])
+
+    def _lock_keys(self, key: str) -> list[str]:
+        return [self._index, self._kv + key, self._lockedby + key]
+
+    async def lock(self, key: str, owner: str) -> str | None:
+        taken = time.monotonic()
+        held = await self._eval("lock", self._lock_keys(key), [key, owner, self._token, self.lock_ttl * 1000])
+        if held is None:
+            self._locks[key] = (owner, taken)
+            self._upkeep.start()
+        return held
+
+    async def unlock(self, key: str, owner: str) -> bool:
+        # Forgotten first: a lock whose unlock fails is no longer renewed, and lapses.
+        if self._locks.get(key, (None,))[0] == owner:
+            del self._locks[key]
+        return await self._eval("unlock", self._lock_keys(key), [key, owner, self._token]) == 1
+
+    async def _keep_locks(self) -> None:
+        """Renew the locks this store holds (the upkeep's tick); forget those it no longer holds."""
+        if not self._locks:
+            return
+        held = list(self._locks.items())
+        args: list = [self.lock_ttl * 1000, self._kv, self._lockedby, self._token]
+        for key, (owner, _) in held:
+            args += [key, owner]
+        lost = set(await self._eval("keep_locks", [], args))
+        for key, entry in held:
+            if key in lost and self._locks.get(key) == entry:  # not taken again meanwhile
+                del self._locks[key]
 
     async def lease(self, ttl: int) -> RedisLease:
         if ttl < 1:

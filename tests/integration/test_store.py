@@ -5,7 +5,9 @@ from __future__ import annotations
 import asyncio
 import json
 import random
+import sys
 import time
+from pathlib import Path
 
 import pytest
 
@@ -226,6 +228,127 @@ async def test_open_is_idempotent_and_store_is_an_async_context_manager(store, k
         assert opened is clone
         await opened.put(key_prefix + "k", "v")
     assert await store.get(key_prefix + "k") == "v"
+
+
+async def test_a_lock_is_held_once_and_given_back_by_its_holder(store, key_prefix):
+    key = key_prefix + "nap/quota-locks/alice"
+    assert await store.lock(key, "job1") is None
+    assert await store.lock(key, "job2") == "job1"  # held: who holds it
+    assert await store.get(key) == "job1"
+    assert await store.unlock(key, "job2") is False  # not its lock
+    assert await store.get(key) == "job1"
+    assert await store.unlock(key, "job1") is True
+    assert await store.get(key) is None
+    assert await store.unlock(key, "job1") is False
+    assert await store.lock(key, "job2") is None
+    assert await store.unlock(key, "job2") is True
+
+
+async def test_a_lock_is_taken_by_one_of_many_at_once(store, key_prefix):
+    key = key_prefix + "nap/quota-locks/alice"
+    results = await asyncio.gather(*(store.lock(key, f"job{i}") for i in range(50)))
+    assert results.count(None) == 1
+    winner = f"job{results.index(None)}"
+    assert {r for r in results if r is not None} == {winner}
+    assert await store.unlock(key, winner) is True
+
+
+async def test_a_lock_of_the_same_owner_is_taken_over(store, key_prefix):
+    """An earlier attempt of the job left it (here a key of a lease that would lapse only in 30 s)."""
+    key = key_prefix + "nap/quota-locks/alice"
+    await store.create(key, "job1", await store.lease(30))
+    assert await store.lock(key, "job1") is None
+    assert await store.lock(key, "job2") == "job1"
+    assert await store.unlock(key, "job1") is True
+    assert await store.get(key) is None
+
+
+async def test_a_lock_taken_over_by_another_store_is_not_given_back_by_the_first(store, key_prefix):
+    """Two attempts of one job in two processes: the older one's unlock leaves the newer one's lock."""
+    if isinstance(store, MemoryStore):
+        pytest.skip("one process's memory: no other store sees its locks")
+    key = key_prefix + "nap/quota-locks/alice"
+    async with type(store)(*_constructor_args(store)) as other:
+        assert await other.lock(key, "job1") is None
+        assert await store.lock(key, "job1") is None
+        assert await other.unlock(key, "job1") is False
+        assert await store.get(key) == "job1"
+        assert await other.lock(key, "job2") == "job1"
+    assert await store.get(key) == "job1"  # the other store's close gave back none of its locks
+    assert await store.unlock(key, "job1") is True
+
+
+async def test_closing_a_store_gives_its_locks_back(store, key_prefix):
+    if isinstance(store, MemoryStore):
+        pytest.skip("one process's memory: no other store sees its locks")
+    key = key_prefix + "nap/quota-locks/alice"
+    other = type(store)(*_constructor_args(store))
+    await other.open()
+    assert await other.lock(key, "job1") is None
+    await other.close()
+    assert await store.lock(key, "job2") is None
+    assert await store.unlock(key, "job2") is True
+
+
+# Holds a lock in a process of its own until killed: ``kind spec namespace key ttl``.
+HOLDER = """
+import asyncio, sys
+from nap_orch.store.etcd import EtcdStore
+from nap_orch.store.redis import RedisStore
+
+kind, spec, namespace, key, ttl = sys.argv[1:]
+
+async def main():
+    if kind == "etcd":
+        store = EtcdStore(spec, lock_ttl=int(ttl))
+    else:
+        store = RedisStore(spec, namespace=namespace, lock_ttl=int(ttl))
+    await store.open()
+    assert await store.lock(key, "job1") is None
+    print("locked", flush=True)
+    await asyncio.sleep(3600)
+
+asyncio.run(main())
+"""
+
+
+async def test_a_lock_lives_as_long_as_its_holder_and_lapses_within_its_ttl_after(store, key_prefix):
+    if isinstance(store, MemoryStore):
+        pytest.skip("one process's memory: it dies with its locks")
+    key, ttl = key_prefix + "nap/quota-locks/alice", 2
+    kind = "etcd" if isinstance(store, EtcdStore) else "redis"
+    args = _constructor_args(store)
+    spec, namespace = args[0], args[1] if len(args) > 1 else ""
+    holder = await asyncio.create_subprocess_exec(
+        sys.executable,
+        "-c",
+        HOLDER,
+        kind,
+        spec,
+        namespace,
+        key,
+        str(ttl),
+        stdout=asyncio.subprocess.PIPE,
+        cwd=Path(__file__).resolve().parents[2],
+        start_new_session=True,
+    )
+    try:
+        assert await asyncio.wait_for(holder.stdout.readline(), 30) == b"locked\n"  # type: ignore[union-attr]
+        deadline = time.monotonic() + 3 * ttl  # kept alive in the background, well past its ttl
+        while time.monotonic() < deadline:
+            assert await store.lock(key, "job2") == "job1"
+            await asyncio.sleep(0.2)
+        holder.kill()  # SIGKILL: dead, nothing gives it back
+        await holder.wait()
+        killed = time.monotonic()
+        while await store.lock(key, "job2") is not None:
+            assert time.monotonic() - killed < ttl + 3, "the dead holder's lock did not lapse"
+            await asyncio.sleep(0.1)
+        assert await store.unlock(key, "job2") is True
+    finally:
+        if holder.returncode is None:
+            holder.kill()
+            await holder.wait()
 
 
 def _constructor_args(store: Store) -> tuple:
