@@ -2,13 +2,16 @@
 
 from __future__ import annotations
 
+import asyncio
 import shutil
 import socket
 import time
 
 import pytest
 
+from nap_orch import keys
 from nap_orch.cli.client import ApiError
+from nap_orch.store.etcd import EtcdStore
 from tests.support.apps import write_app
 from tests.support.flows import publish, reach, run_cli, start, wait_instance, wait_until
 
@@ -51,6 +54,45 @@ def answer(stack, client, inst: str) -> str:
 
 def ports(client) -> dict[str, int]:
     return {i["name"]: i["port"]["port"] for i in client.get("/v1/apps/web/instances")["instances"]}
+
+
+def logged(client, job: str, text: str) -> bool:
+    """Whether the job's log so far has a line with ``text``."""
+    events = client.events(f"/v1/jobs/{job}/events?follow=0")
+    return any(text in e["data"]["line"] for e in events if e["event"] == "log")
+
+
+def test_a_launch_waiting_behind_a_deploy_starts_on_the_release_the_deploy_made(stack, file_server, tmp_path):
+    """A launch waits for its user's quota lock while a deploy holds it. The deploy makes v2 current
+    and rolls the app's running instances, before the launch's are running: the launch must start
+    its own on v2, not on the v1 that was current when it began."""
+    name, client = stack.add_user()
+    assert release(stack, client, file_server, tmp_path, "1")["state"] == "succeeded"
+    lock = keys.QUOTA_LOCK.format(user=name)
+
+    def put_lock(owner: str) -> None:
+        async def go():
+            async with EtcdStore(stack.env["NAP_ETCD"]) as s:
+                await s.put(lock, owner)
+
+        asyncio.run(go())
+
+    put_lock("an-earlier-job")  # the lock is held from here on, by one job or another
+    launch = client.post("/v1/apps/web/instances", {"params": {"tag": "t"}, "count": 1})["job"]
+    wait_until(lambda: logged(client, launch, "starting 1 instance(s)"), 60, "the launch to begin")
+    files = {"profile": "command: python3 server.py {tag}\n", "server.py": SERVER, "VERSION": "2\n"}
+    deploy = client.post(
+        "/v1/apps", {"app": "web", "url": publish(file_server, write_app(tmp_path / "v2", files), "tgz")}
+    )
+    # As if an earlier attempt of the deploy held the lock: the deploy takes it over at once, before the
+    # launch can have it, and gives it back once v2 is current.
+    put_lock(deploy["job"])
+    deployed = stack.wait_job(client, deploy["job"], 120)
+    assert deployed["state"] == "succeeded" and deployed["result"]["release"] == "v2", deployed
+    launched = stack.wait_job(client, launch, 120)
+    assert launched["state"] == "succeeded" and launched["result"]["running"] == 1, launched
+    inst = launched["result"]["instances"][0]["name"]
+    assert answer(stack, client, inst) == "2 t"
 
 
 def test_redeploy_rolls_running_instances_and_rollback_brings_them_back(

@@ -116,14 +116,14 @@ def install_copy(
     return render_unit(settings, spec, slot, folder, values, user, app, host, uid)
 
 
-async def start_common(
-    ctx: Context, user: str, app: str, params: dict[str, Any], count: int | None = None
-) -> dict[str, Any]:
-    settings, store, engine = ctx.settings, ctx.store, ctx.engine
-    t0 = time.monotonic()
+def source(
+    settings: Settings, user: str, app: str, params: dict[str, Any]
+) -> tuple[int | None, Path, profile.AppSpec, dict[str, str]]:
+    """What a launch copies: the app's current release, its folder (the release's own: a redeploy meanwhile
+    changes nothing), its profile (checked) and the launch's parameter values for it."""
     src = apps.require_app(settings, user, app)
     release = releases.current(settings, user, app)
-    if release is not None:  # copied from the release's own folder: a redeploy meanwhile changes nothing
+    if release is not None:
         src = releases.release_dir(settings, user, app, release)
     spec = profile.load(src)
     if spec.kind != "common":
@@ -133,6 +133,15 @@ async def start_common(
     absent = profile.missing(values, spec.parameters)
     if absent:
         raise BadRequest(f"missing parameter(s): {', '.join(absent)}")
+    return release, src, spec, values
+
+
+async def start_common(
+    ctx: Context, user: str, app: str, params: dict[str, Any], count: int | None = None
+) -> dict[str, Any]:
+    settings, store, engine = ctx.settings, ctx.store, ctx.engine
+    t0 = time.monotonic()
+    release, src, spec, values = source(settings, user, app, params)
     count = count or spec.scale or 1
     if not 1 <= count <= settings.max_count:
         raise BadRequest(f"count must be from 1 to {settings.max_count}")
@@ -145,6 +154,12 @@ async def start_common(
     uid = await tenants.uid_of(store, settings, user) if settings.sandbox else None
     copies = await quotas.app_size(settings, user, app) * count
     async with quotas.held(store, user, owner):  # of two launches at once, the second counts the first's
+        # The release again, under the lock: a deploy that held it may have made another one current,
+        # and its rollout, which looks for the app's instances once it has let go, may find these not
+        # running yet and leave them on the release they would have been copied from.
+        if releases.current(settings, user, app) != release:
+            release, src, spec, values = source(settings, user, app, params)
+            copies = await quotas.app_size(settings, user, app) * count
         numbers = await reserve_numbers(
             store, settings, user, app, count, owner, spec.memory, params=values, release=release
         )
