@@ -343,7 +343,8 @@ def mpi_script(
     names its tenant, with only its own environment); the master's mpirun starts the ranks on the slaves
     through the run's folder (``nap_orch.rank``'s agent), so no rank is Slurm's."""
     extra = [shlex.quote(f"{k}={v}") for k, v in {**mpi_env, "NAP_MPI_AGENT": "1"}.items()]
-    extra.append('"NAP_HOST=${SLURMD_NODENAME}"')
+    # the node a unit runs on, as a rank's host and as Slurm would name it (a name, no credential)
+    extra += ['"NAP_HOST=${SLURMD_NODENAME}"', '"SLURMD_NODENAME=${SLURMD_NODENAME}"']
     box = sandbox.lines(master) if sandbox is not None and master.user is not None else []
     lines = [
         "#!/bin/bash",
