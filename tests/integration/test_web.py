@@ -396,6 +396,16 @@ def test_mpi_runs_are_grouped_as_a_master_and_its_slaves(page, stack, file_serve
         assert page.evaluate("document.scrollingElement.scrollWidth") <= 390
         page.set_viewport_size({"width": 1280, "height": 900})
 
+        # a slave's page leads to its run's master
+        page.locator(f'#instances tr[data-name="{name}_ranks_mpi_slave@{runs[1]}-2"] a').first.click()
+        expect(page.locator("#instance-master")).to_have_text(f"run {runs[1]}: its master")
+        page.locator("#instance-master").click()
+        expect(page.get_by_role("heading", name=master[runs[1]])).to_be_visible()
+        page.goto(f"{stack.url}/#/apps/ranks")
+        expect(page.locator("#app-logs")).to_be_hidden()  # no empty box until asked for
+        page.get_by_role("button", name="Show logs").click()
+        expect(page.locator("#app-logs")).to_be_visible()
+
         page.get_by_role("button", name=f"Stop run {runs[0]}").click()
         expect(page.locator(f'#instances tr[data-name="{master[runs[0]]}"] .st .state')).to_have_text("stopped")
         expect(page.locator(f'#instances tr[data-name="{master[runs[0]]}"] .run-state')).not_to_contain_text("running")

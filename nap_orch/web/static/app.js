@@ -526,10 +526,12 @@ async function appPage(signal, app) {
 
   // Every instance's journal, merged in time order (nap logs): the last N lines when asked.
   const logs = el("pre", { id: "app-logs", role: "log", "aria-live": "off" });
+  logs.hidden = true;  // an empty box until asked for
   const logsError = el("div");
   const logLines = el("select", { id: "app-logs-lines", "aria-label": "lines" }, ...[100, 1000].map((n) => el("option", { value: n, text: `last ${n}` })));
   const showLogs = el("button", { type: "button", id: "app-logs-show", class: "secondary", text: "Show logs" });
   showLogs.addEventListener("click", () => {
+    logs.hidden = false;
     logs.replaceChildren();
     logsError.replaceChildren();
     streamLines(`${base}/logs?lines=${enc(logLines.value)}`, (line) => logs.append(line + "\n"), signal)
@@ -599,9 +601,16 @@ async function instancePage(signal, name) {
     if (paused) stream.abort();
     else follow();
   });
+  // an MPI slave's run is its master's: <user>_<app>_mpi_slave@<run>-<i> -> <user>_<app>_mpi_master@<run>
+  const slaveOf = /^(.+)_mpi_slave@(\d+)-\d+$/.exec(name);
+  const runFacts = slaveOf ? [el("dt", { text: "Run" }), el("dd", {}, el("a", {
+    id: "instance-master", href: `#/instances/${enc(`${slaveOf[1]}_mpi_master@${slaveOf[2]}`)}`,
+    text: `run ${slaveOf[2]}: its master`,
+  }))] : [];
   const showStatus = (st) => {
     facts.replaceChildren(
       el("dt", { text: "App" }), el("dd", {}, el("a", { href: `#/apps/${enc(app)}`, text: app })),
+      ...runFacts,
       el("dt", { text: "State" }), el("dd", { id: "instance-state" }, stateBadge(st.state)),
       el("dt", { text: "Port" }), port,
       el("dt", { text: "Host / node" }), el("dd", { id: "instance-host", text: st.host || "" }),
