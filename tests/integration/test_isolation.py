@@ -105,11 +105,16 @@ def wait_journal(client, name: str, pattern: str, timeout: float = 30.0) -> str:
     return found[0]
 
 
+def plant_admin_token(stack: NapStack) -> None:
+    """The admin token where and as ``nap up`` keeps it: the attacks' target."""
+    (stack.home / "admin.token").write_text("nap_admin_secret\n")
+    (stack.home / "admin.token").chmod(0o600)
+
+
 def probe(stack: NapStack, file_server, tmp_path) -> tuple[dict[str, str], str, str]:
     """Start a victim (one tenant) and the probe (another); the probe's findings, its journal, its
     instance name."""
-    (stack.home / "admin.token").write_text("nap_admin_secret\n")  # as nap up keeps it
-    (stack.home / "admin.token").chmod(0o600)
+    plant_admin_token(stack)
     _, bob = stack.add_user()
     deployed(stack, bob, file_server, tmp_path, VICTIM, "victim")
     victim = start(stack, bob, "victim", {})["result"]["instances"][0]
@@ -311,8 +316,7 @@ def test_a_memory_limit_no_cgroup_can_hold_is_refused_at_submit(stack, file_serv
 
 
 def test_an_mpi_build_reads_nothing_the_tenant_could_not(stack, file_server, tmp_path):
-    (stack.home / "admin.token").write_text("nap_admin_secret\n")
-    (stack.home / "admin.token").chmod(0o600)
+    plant_admin_token(stack)
     _, client = stack.add_user()
     source = f'#include "/etc/shadow"\n#include "{stack.home}/admin.token"\nint main(void) {{ return 0; }}\n'
     files = {"mpi.xml": "from: leak.c\nto: leak\nhosts: 1\n", "leak.c": source}
@@ -344,8 +348,7 @@ exec sleep 100000
 @pytest.mark.slurm_engine
 def test_a_slurm_task_runs_sandboxed_as_its_tenant_and_leaves_nothing_behind(slurm_stack, file_server, tmp_path):
     s = slurm_stack
-    (s.home / "admin.token").write_text("nap_admin_secret\n")
-    (s.home / "admin.token").chmod(0o600)
+    plant_admin_token(s)
     _, client = s.add_user()
     deployed(s, client, file_server, tmp_path, SLURM_PROBE, "probe")
     mark = str(800000 + int(uuid.uuid4().int % 99999))
@@ -390,8 +393,7 @@ def test_an_mpi_run_on_slurm_runs_every_rank_sandboxed_in_its_units_group(slurm2
     """Master and slaves are sandboxed as their tenant, each in its own control group, and the slaves'
     ranks run in the slaves' (started through the run's folder, not by Slurm as root)."""
     s = slurm2_stack
-    (s.home / "admin.token").write_text("nap_admin_secret\n")
-    (s.home / "admin.token").chmod(0o600)
+    plant_admin_token(s)
     _, client = s.add_user()
     deployed(s, client, file_server, tmp_path, MPI_PROBE, "mprobe")
     mark = str(700000 + int(uuid.uuid4().int % 99999))

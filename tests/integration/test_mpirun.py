@@ -149,7 +149,7 @@ def test_with_the_agent_each_slave_runs_its_ranks_started_through_the_run_folder
         ranks = sorted(line for line in out.stdout.splitlines() if line.startswith("rank "))
         assert ranks == ["rank 0 on master", "rank 1 on slave1", "rank 2 on slave2"], out.stdout + out.stderr
         for i, proc in enumerate(slaves, 1):
-            assert proc.wait(20) == 0
+            assert proc.wait(60) == 0
             log = (run_dir / f"slave{i}.log").read_text()
             assert "starting Open MPI's daemon" in log and "daemon exited with code 0" in log, log
             assert json.loads((run_dir / ".nap-mpi" / f"exec{i}.exit").read_text()) == {"code": 0}
@@ -163,7 +163,7 @@ def test_a_slave_that_leaves_ends_its_daemon_and_the_agent_says_how_it_ended(run
     slave = subprocess.Popen(rank_argv("slave", "--hosts", "1", "--index", "1"), env=env(), cwd=run_dir)
     agent = None
     try:
-        wait_for((run_dir / ".nap-mpi" / "slave1.json").exists, 20, "the slave to register")
+        wait_for((run_dir / ".nap-mpi" / "slave1.json").exists, 60, "the slave to register")
         agent = subprocess.Popen(
             [PYTHON, "rank.py", "agent", "nap-slave1", "sleep 1000 & echo $! > daemon.pid; wait"],
             cwd=run_dir,
@@ -171,12 +171,12 @@ def test_a_slave_that_leaves_ends_its_daemon_and_the_agent_says_how_it_ended(run
             text=True,
         )
         wait_for(
-            lambda: (run_dir / "daemon.pid").exists() and (run_dir / "daemon.pid").read_text().strip(), 20, "the daemon"
+            lambda: (run_dir / "daemon.pid").exists() and (run_dir / "daemon.pid").read_text().strip(), 60, "the daemon"
         )
         daemon = int((run_dir / "daemon.pid").read_text())
         slave.send_signal(signal.SIGTERM)
-        assert slave.wait(30) == 0
-        assert agent.wait(30) == 143  # the daemon's code: ended by its slave's TERM
+        assert slave.wait(60) == 0
+        assert agent.wait(60) == 143  # the daemon's code: ended by its slave's TERM
         wait_for(
             lambda: not os.path.exists(f"/proc/{daemon}") or open(f"/proc/{daemon}/stat").read().split()[2] == "Z",
             20,

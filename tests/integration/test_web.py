@@ -246,7 +246,7 @@ def test_the_admin_adds_a_user_and_sees_its_token_once(page, stack):
 
 def test_the_pages_have_a_csp_and_no_route_reads_files_outside_the_static_folder(stack):
     for path, ctype in (("/", "text/html"), ("/web/app.js", "text/javascript"), ("/web/style.css", "text/css")):
-        with urllib.request.urlopen(stack.url + path, timeout=10) as resp:
+        with urllib.request.urlopen(stack.url + path, timeout=60) as resp:
             assert resp.headers["Content-Type"].startswith(ctype)
             csp = resp.headers["Content-Security-Policy"]
             assert "script-src 'self'" in csp and "unsafe-inline" not in csp
@@ -262,7 +262,7 @@ def test_the_pages_have_a_csp_and_no_route_reads_files_outside_the_static_folder
         "//etc/passwd",
         "/web//etc/passwd",
     ):
-        conn = http.client.HTTPConnection(host, int(port), timeout=10)
+        conn = http.client.HTTPConnection(host, int(port), timeout=60)
         conn.request("GET", raw)
         resp = conn.getresponse()
         body = resp.read()
