@@ -170,7 +170,9 @@ async def test_a_retry_after_redis_killed_mid_reservation_gets_1_to_n(tmp_path, 
     """A launch's first attempt has some of its numbers written when Redis dies (its 64 creates in flight
     do not all land: the first to land frees its turn for number 65); Redis comes back from its
     append-only file, and the retry of the same job gets 1..N, not its two numbers and N-2 above them."""
-    server = RedisServer(tmp_path / "redis", appendonly=True)
+    # every acknowledged write in the file before Redis dies: with everysec, a write that waits behind a
+    # slow background fsync (a busy machine) is acknowledged and then lost with the process
+    server = RedisServer(tmp_path / "redis", appendonly=True, fsync="always")
     server.start()
     store = CutShort(server, landing)
     settings = Settings(home=tmp_path / "home")

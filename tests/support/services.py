@@ -233,9 +233,12 @@ class RedisServer(_Server):
 
     name = "redis"
 
-    def __init__(self, data_dir: str | os.PathLike, binary: str | None = None, appendonly: bool = False):
+    def __init__(
+        self, data_dir: str | os.PathLike, binary: str | None = None, appendonly: bool = False, fsync: str = "everysec"
+    ):
         super().__init__(data_dir)
         self.appendonly = appendonly
+        self.fsync = fsync  # appendfsync: "always" when a test needs each acknowledged write in the file
         self.binary = binary or redis_server_binary()
         self.port = free_port()
         self.password = secrets.token_urlsafe(16)
@@ -256,7 +259,7 @@ class RedisServer(_Server):
             "--dir", str(self.data_dir),
             "--save", "",
             "--appendonly", "yes" if self.appendonly else "no",
-            "--appendfsync", "everysec",
+            "--appendfsync", self.fsync,
             "--daemonize", "no",
         ]  # fmt: skip
 
