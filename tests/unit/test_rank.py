@@ -76,8 +76,9 @@ def test_with_the_agent_each_slave_is_a_host_of_its_own_and_the_master_is_localh
 def test_mpirun_is_told_to_start_its_daemons_through_the_agent_only():
     opts = rank.agent_options()
     pairs = dict(zip(opts[1::3], opts[2::3]))
-    assert opts[0::3] == ["--mca"] * 3
+    assert opts[0::3] == ["--mca"] * 4
     assert pairs["plm"] == "rsh" and pairs["plm_rsh_no_tree_spawn"] == "1"
+    assert pairs["oob_tcp_disable_ipv6_family"] == "1"
     assert pairs["plm_rsh_agent"].endswith(f"{rank.__file__} agent") and " " not in rank.__file__
 
 
