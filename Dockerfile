@@ -1,5 +1,5 @@
 # The image of every part (api, worker, agent): nap-orch with what instances and MPI builds need
-# (mpicc and mpirun, bubblewrap and setpriv for the sandbox, git for deploys from repositories).
+# (mpicc and mpirun, bubblewrap and util-linux's unshare for the sandbox, setpriv for MPI builds, git for deploys from repositories).
 FROM python:3.11-slim
 RUN apt-get update \
     && apt-get install -y --no-install-recommends git bubblewrap util-linux openmpi-bin libopenmpi-dev \

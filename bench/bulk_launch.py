@@ -1,7 +1,7 @@
 """Bulk launch benchmark: one start_common of N instances of a tiny app, from submit to all running with
 their ports in the store, against two baselines measured in the same run: the same N processes started
 directly from Python, bare, and the same N started directly inside the same sandbox as the agent's
-(setpriv + bubblewrap as a tenant's uid, each joined to a control group of its own before it runs, under
+(unshare + bubblewrap as a tenant's uid, each joined to a control group of its own before it runs, under
 the seccomp filter); the last once more without the filter, which is what the filter costs a start.
 
     python bench/bulk_launch.py              # N=1000, etcd store (the production shape)

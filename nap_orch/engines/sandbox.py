@@ -3,12 +3,19 @@
 hidden but for the instance's folder (its only writable place besides a private ``/tmp``), the host
 network shared.
 
-The command line is ``setpriv`` (util-linux) dropping to the tenant's uid, gid and no supplementary
-groups, then ``bwrap`` (bubblewrap) unprivileged. The order matters: ``bwrap --uid N`` started as root
-only renames root inside a user namespace (measured here: the sandboxed process was uid 0 on the
-host), while ``bwrap`` started as uid N makes a process that is uid N on the host too, with
-``CapEff`` 0 and ``NoNewPrivs`` 1. Every folder above the instance's must let other users pass
+The command line is util-linux's ``unshare --setgid=G --setuid=U`` (no namespace of its own: it only
+drops to the tenant's gid, no supplementary groups, and uid, with every capability gone with uid 0),
+then ``bwrap`` (bubblewrap) unprivileged, which sets ``no_new_privs`` and empties the capability sets,
+the bounding set included, before the program runs. The order matters: ``bwrap --uid N`` started as
+root only renames root inside a user namespace (measured here: the sandboxed process was uid 0 on the
+host), while ``bwrap`` started as uid N makes a process that is uid N on the host too, with ``CapEff``
+and ``CapBnd`` 0 and ``NoNewPrivs`` 1. Every folder above the instance's must let other users pass
 through (bwrap binds it as the tenant).
+
+Why ``unshare`` and not ``setpriv``: setpriv looks its numeric ``--reuid`` up as a user name first, and
+on a host whose passwd database goes on to systemd's NSS module (Debian's default) that loads three
+libraries for each start: 3.5 ms of CPU against unshare's 1.3 ms (``/bin/true`` alone: 0.5 ms), a
+quarter of a sandbox's start. Its own ``--no-new-privs`` and capability drops are what bwrap does anyway.
 
 ``bwrap --block-fd`` holds the sandbox until whoever starts it has moved it into the instance's
 control group (``cgroups.py``; bwrap's sandbox process exists already then, blocked:
@@ -24,8 +31,15 @@ file descriptor of its own on the filter's file, opened by whoever starts it.
 
 from __future__ import annotations
 
+import functools
 import shutil
 from dataclasses import dataclass
+
+
+@functools.cache
+def tool(name: str) -> str:
+    """The program's path on this host (looked up once: every start names it), or its bare name."""
+    return shutil.which(name) or name
 
 
 @dataclass(frozen=True)
@@ -44,18 +58,12 @@ class Sandbox:
         seccomp filter read from it."""
         if self.uid <= 0 or self.gid <= 0:
             raise ValueError("a sandbox runs as a tenant's own uid and gid, never as root")
-        setpriv = shutil.which("setpriv") or "setpriv"
-        bwrap = shutil.which("bwrap") or "bwrap"
         out = [
-            setpriv,
-            f"--reuid={self.uid}",
-            f"--regid={self.gid}",
-            "--clear-groups",
-            "--no-new-privs",
-            "--inh-caps=-all",
-            "--bounding-set=-all",
+            tool("unshare"),
+            f"--setgid={self.gid}",  # setgroups(0), then setgid: no supplementary groups
+            f"--setuid={self.uid}",
             "--",
-            bwrap,
+            tool("bwrap"),
             "--unshare-all",
             "--unshare-user",
             "--share-net",

@@ -21,8 +21,8 @@ from tests.support.flows import deployed, start, wait_instance, wait_until
 from tests.support.stack import NapStack
 
 pytestmark = pytest.mark.skipif(
-    os.geteuid() != 0 or not shutil.which("bwrap") or not shutil.which("setpriv"),
-    reason="the sandbox needs root, bubblewrap and setpriv",
+    os.geteuid() != 0 or not shutil.which("bwrap") or not shutil.which("unshare"),
+    reason="the sandbox needs root, bubblewrap and unshare",
 )
 
 # What a hostile tenant tries, one line each: "probe <name>: WORKED|refused".

@@ -1,4 +1,4 @@
-"""The instance sandbox (``engines.local.sandbox``), with the real bubblewrap and setpriv, as root:
+"""The instance sandbox (``engines.local.sandbox``), with the real bubblewrap and unshare, as root:
 what a tenant's process can and cannot reach. Skipped where either is missing or not root."""
 
 from __future__ import annotations
@@ -20,8 +20,8 @@ from tests.support.apps import SYSCALL_ATTACKS, SYSCALL_PROBE_PY
 TENANT = 31337
 
 pytestmark = pytest.mark.skipif(
-    os.geteuid() != 0 or not shutil.which("bwrap") or not shutil.which("setpriv"),
-    reason="needs root, bubblewrap and setpriv",
+    os.geteuid() != 0 or not shutil.which("bwrap") or not shutil.which("unshare"),
+    reason="needs root, bubblewrap and unshare",
 )
 
 
@@ -70,7 +70,9 @@ def test_the_sandboxed_process_is_the_tenant_on_the_host_without_privileges(home
             time.sleep(0.05)
         assert found["Uid"].split() == [str(TENANT)] * 4  # on the host, not only inside a namespace
         assert found["Gid"].split() == [str(TENANT)] * 4
-        assert found["CapEff"] == found["CapPrm"] == found["CapBnd"] == "0000000000000000"
+        assert found["Groups"].split() == []  # none of root's supplementary groups
+        for caps in ("CapInh", "CapPrm", "CapEff", "CapBnd", "CapAmb"):
+            assert found[caps] == "0000000000000000", caps
         assert found["NoNewPrivs"] == "1"
     finally:
         proc.kill()
@@ -154,7 +156,7 @@ def test_a_blocked_sandbox_joined_as_a_tree_runs_wholly_in_its_group(home):
         time.sleep(0.3)  # bubblewrap has cloned its (blocked) sandbox by now, outside the group
         group.join_tree(proc.pid)
         os.write(write, b"1")
-        # setpriv+bwrap, bwrap's pid 1, sh (now sleep), and the two escapers, all in the group
+        # unshare+bwrap, bwrap's pid 1, sh (now sleep), and the two escapers, all in the group
         deadline = time.monotonic() + 20
         while not ((mine / "mark").exists() and len(group.pids()) >= 5) and time.monotonic() < deadline:
             time.sleep(0.05)

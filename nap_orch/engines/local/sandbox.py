@@ -38,7 +38,7 @@ def prepare(stack: str, home: str, state: Path) -> tuple[Isolation | None, str]:
     why not (what an operator has to fix). The seccomp filter is made into the agent's folder ``state``."""
     if os.geteuid() != 0:
         return None, "the agent does not run as root, so it cannot run instances as their tenants' uids"
-    for tool, package in (("bwrap", "bubblewrap"), ("setpriv", "util-linux")):
+    for tool, package in (("bwrap", "bubblewrap"), ("unshare", "util-linux")):
         if not shutil.which(tool):
             return None, f"{tool} is not installed (Debian package {package})"
     try:
