@@ -27,7 +27,9 @@ slave through this file as its remote shell (``plm_rsh_agent``) instead of ssh::
 The slave runs that command in its own sandbox as the tenant, and ends it when the run ends. So a
 run's every process is its tenant's, in a sandbox and a control group, and nothing of Slurm's runs a
 rank: the run needs no credential and no Slurm launcher (PMIx) inside the sandbox. A command file is
-the tenant's own and runs as the tenant: it gives nothing the tenant does not have already.
+the tenant's own and runs as the tenant: it gives nothing the tenant does not have already. A run
+whose mpirun has started no rank ``NAP_MPI_WAIT_TIMEOUT`` seconds after it began (its daemons never
+reported back) is ended and fails saying so, instead of waiting for ever.
 """
 
 from __future__ import annotations
@@ -126,7 +128,11 @@ def master(args, program: list[str]) -> int:
     print("master: " + " ".join(argv), flush=True)
     proc = subprocess.Popen(argv)
     signal.signal(signal.SIGTERM, lambda *_: proc.terminate())
-    code = wait_launcher(proc)
+    try:
+        code = wait_launcher(proc, startup=timeout if agent else None)
+    except NeverStarted as e:
+        print(f"master: {e}; mpirun ended", flush=True)
+        return run.end("failed", 3, error=str(e))
     print(f"master: mpirun exited with code {code}", flush=True)
     return run.end("succeeded" if code == 0 else "failed", code)
 
@@ -181,18 +187,34 @@ def agent(host: str, words: list[str]) -> int:
         time.sleep(POLL)
 
 
-def wait_launcher(proc: subprocess.Popen) -> int:
+class NeverStarted(Exception):
+    """mpirun started no rank in time: its daemons never reported back."""
+
+
+def wait_launcher(proc: subprocess.Popen, startup: float | None = None) -> int:
     """The launcher's exit code. A launcher that outlives every process it started by
     ``LAUNCHER_GRACE`` seconds while it has not reaped them is ended, and the run's code is theirs (the
     first that is not 0): Open MPI's mpirun has been seen to print that a rank aborted, then wait for
-    ever beside its other ranks' zombies."""
+    ever beside its other ranks' zombies.
+
+    With ``startup`` (the agent's way), a launcher that has started no rank of its own host within that
+    many seconds is ended, and ``NeverStarted`` says so: mpirun starts its own host's rank (there is
+    always one: ``localhost slots=1``) only once every slave's daemon has reported back, and a daemon
+    that never does would otherwise hold the run for ever (seen here: daemons started, no rank ran)."""
     all_ended = None
+    began = time.monotonic()
     while True:
         try:
             code = proc.wait(timeout=1.0)
             return code if code >= 0 else 128 - code
         except subprocess.TimeoutExpired:
             pass
+        if startup is not None:
+            if launched(proc.pid):
+                startup = None
+            elif time.monotonic() - began > startup:
+                end_launcher(proc)
+                raise NeverStarted(f"mpirun started no rank within {startup:g} s: its daemons did not report back")
         statuses = unreaped_children(proc.pid)
         codes = None if statuses is None else [exit_code(st) for st in statuses]
         if codes is None:
@@ -209,10 +231,19 @@ def wait_launcher(proc: subprocess.Popen) -> int:
             return next((c for c in codes if c != 0), 0)
 
 
-def unreaped_children(pid: int) -> list[int] | None:
-    """The wait statuses of ``pid``'s children when it has some and every one has ended without being
-    reaped (zombies: ``/proc/<child>/stat`` keeps the status, field 52); None otherwise."""
-    statuses = []
+def end_launcher(proc: subprocess.Popen) -> None:
+    """TERM (mpirun then ends what it started), KILL after 5 s."""
+    proc.terminate()
+    try:
+        proc.wait(5.0)
+    except subprocess.TimeoutExpired:
+        proc.kill()
+        proc.wait()
+
+
+def children(pid: int) -> list[tuple[int, list[str]]]:
+    """``pid``'s children: each one's pid and its ``/proc/<child>/stat`` fields after the name."""
+    out = []
     for entry in os.listdir("/proc"):
         if not entry.isdigit():
             continue
@@ -221,9 +252,34 @@ def unreaped_children(pid: int) -> list[int] | None:
                 fields = f.read().rsplit(")", 1)[1].split()
         except (OSError, IndexError):
             continue
-        if len(fields) < 50 or fields[1] != str(pid):
+        if len(fields) > 1 and fields[1] == str(pid):
+            out.append((int(entry), fields))
+    return out
+
+
+def launched(pid: int) -> bool:
+    """Whether mpirun ``pid`` runs a process other than its remote shells (``rank.py agent ...``): a
+    rank of its own host."""
+    for child, fields in children(pid):
+        if fields[0] == "Z":
             continue
-        if fields[0] != "Z":
+        try:
+            with open(f"/proc/{child}/cmdline", "rb") as f:
+                argv = f.read().split(b"\0")
+        except OSError:
+            continue
+        if len(argv) > 2 and argv[1].endswith(b"rank.py") and argv[2] == b"agent":
+            continue
+        return True
+    return False
+
+
+def unreaped_children(pid: int) -> list[int] | None:
+    """The wait statuses of ``pid``'s children when it has some and every one has ended without being
+    reaped (zombies: ``/proc/<child>/stat`` keeps the status, field 52); None otherwise."""
+    statuses = []
+    for _, fields in children(pid):
+        if fields[0] != "Z" or len(fields) < 50:
             return None
         statuses.append(int(fields[49]))
     return statuses or None

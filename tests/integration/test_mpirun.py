@@ -159,6 +159,39 @@ def test_with_the_agent_each_slave_runs_its_ranks_started_through_the_run_folder
             proc.wait()
 
 
+@pytest.mark.skipif(shutil.which("mpirun") is None, reason="Open MPI is not installed")
+def test_with_the_agent_a_run_whose_daemons_never_report_back_fails_saying_so(run_dir):
+    """A slave that answers the agent as a daemon that detached would (exit code 0) but runs nothing: no
+    daemon ever calls mpirun back, so mpirun would wait for ever. The master ends it once
+    NAP_MPI_WAIT_TIMEOUT has gone by without a rank, and the run fails saying why."""
+    folder = run_dir / ".nap-mpi"
+    folder.mkdir()
+    (folder / "slave1.json").write_text(json.dumps({"host": "127.0.0.1", "slots": 1, "pid": os.getpid()}))
+    master = subprocess.Popen(
+        rank_argv("master", "--hosts", "1", "--", "/bin/echo", "never"),
+        env=mpi_env(NAP_MPI_AGENT="1", NAP_MPI_WAIT_TIMEOUT="5"),
+        cwd=run_dir,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+    )
+    try:
+        wait_for((folder / "exec1.json").exists, 60, "the agent's command for slave 1")
+        asked = json.loads((folder / "exec1.json").read_text())
+        assert "orted" in asked["command"]
+        (folder / "exec1.exit").write_text(json.dumps({"code": 0}))  # "it daemonized": nothing runs
+        out, _ = master.communicate(timeout=120)
+        assert master.returncode == 3, out
+        assert "never" not in out.replace("/bin/echo never", ""), out  # no rank ran
+        record = json.loads((folder / "run.json").read_text())
+        assert record["state"] == "failed" and record["exit_code"] == 3, record
+        assert "mpirun started no rank within 5 s" in record["error"], record
+        assert (folder / "ended").exists()
+    finally:
+        master.kill()
+        master.wait()
+
+
 def test_a_slave_that_leaves_ends_its_daemon_and_the_agent_says_how_it_ended(run_dir):
     slave = subprocess.Popen(rank_argv("slave", "--hosts", "1", "--index", "1"), env=env(), cwd=run_dir)
     agent = None
