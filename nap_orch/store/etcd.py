@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Iterable
 from typing import TypeVar
 from urllib.parse import unquote
 
@@ -14,7 +14,7 @@ from aetcd import rpc
 from aetcd import transactions as ops
 
 from .. import metrics
-from .base import LOCK_TTL, Lease, LeaseExpired, Store, Upkeep
+from .base import IN_FLIGHT, LOCK_TTL, Lease, LeaseExpired, Store, Upkeep, gather_limited
 
 T = TypeVar("T")
 
@@ -312,6 +312,32 @@ class EtcdStore(Store):
             return succeeded
 
         return await self._leased(lease, request)
+
+    async def create_many(self, items: Iterable[tuple[str, str]], in_flight: int = IN_FLIGHT) -> list[bool]:
+        """Transactions of up to MAX_TXN_OPS creates each, ``in_flight`` at a time: a chunk none of whose
+        keys exists (a launch's fresh numbers and ports, nearly always) is created in one round trip, and
+        only a chunk with a key that exists already (or a key twice) goes key by key. A launch of 1,000
+        made 2,000 round trips here."""
+        items = list(items)
+
+        def together(chunk: list[tuple[str, str]]) -> Callable[[aetcd.Client], Awaitable[bool]]:
+            async def request(client: aetcd.Client) -> bool:
+                succeeded, _ = await client.transaction(
+                    compare=[client.transactions.version(k.encode()) == 0 for k, _ in chunk],
+                    success=[client.transactions.put(k.encode(), v.encode()) for k, v in chunk],
+                    failure=[],
+                )
+                return succeeded
+
+            return request
+
+        async def created(chunk: list[tuple[str, str]]) -> list[bool]:
+            if len({k for k, _ in chunk}) == len(chunk) and await self._run(together(chunk)):
+                return [True] * len(chunk)
+            return await super(EtcdStore, self).create_many(chunk, in_flight)
+
+        parts = await gather_limited((created(chunk) for chunk in _chunks(items)), in_flight)
+        return [ok for part in parts for ok in part]
 
     async def delete(self, key: str) -> bool:
         return await self._run(lambda client: client.delete(key.encode())) is not None

@@ -69,6 +69,33 @@ async def test_create_is_atomic_under_concurrency(store, key_prefix):
     assert await store.get(key) == f"claimant-{results.index(True)}"
 
 
+async def test_create_many_creates_exactly_the_missing_keys_in_order(store, key_prefix):
+    """Over several of etcd's transactions (128 operations each): a chunk whose keys are all new, one with
+    a key that exists already, one with a key given twice; each answer in the order given."""
+    keys = [f"{key_prefix}nap/instances/alice/web/{n}" for n in range(1, 301)]
+    await store.put(keys[150], "held by another job")
+    items = [(k, "mine") for k in keys] + [(keys[299], "mine again")]
+    created = await store.create_many(items)
+    assert created[:299] == [n != 150 for n in range(299)]
+    assert sorted(created[299:]) == [False, True]  # the key given twice: created by one of the two
+    found = await store.get_many(keys)
+    assert found[:299] == ["held by another job" if n == 150 else "mine" for n in range(299)]
+    assert found[299] == ("mine" if created[299] else "mine again")
+    assert await store.create_many([(keys[0], "x"), (keys[0], "y")]) == [False, False]
+    assert await store.create_many([]) == []
+
+
+async def test_create_many_is_atomic_per_key_under_concurrency(store, key_prefix):
+    """Two batches racing for the same 200 keys: each key is created by exactly one of them."""
+    keys = [f"{key_prefix}nap/ports/host/{30000 + n}" for n in range(200)]
+    a, b = await asyncio.gather(
+        store.create_many([(k, "a") for k in keys]), store.create_many([(k, "b") for k in reversed(keys)])
+    )
+    b.reverse()
+    assert all(x != y for x, y in zip(a, b))
+    assert await store.get_many(keys) == ["a" if x else "b" for x in a]
+
+
 async def test_delete_reports_whether_the_key_existed(store, key_prefix):
     key = key_prefix + "services/url/alice/web"
     await store.put(key, "u")
