@@ -240,10 +240,19 @@ def test_app_logs_merged_and_followed(engine_stack, engine_user, file_server, tm
         [sys.executable, "-m", "nap_orch", "logs", app, "-n", "0", "-f"], env=env, stdout=subprocess.PIPE, text=True
     )
     try:
-        assert start(stack, client, app, {}, count=1)["state"] == "succeeded"
-        seen: set[str] = set()
-        deadline = time.monotonic() + 30
         assert follow.stdout is not None
+        # The follow has listed the app's instances once it prints a new line of one: only then is the
+        # third one "started meanwhile" (started before, it would be followed from now, as -n 0 says).
+        seen: set[str] = set()
+        deadline = time.monotonic() + 60
+        while time.monotonic() < deadline and not seen:
+            line = follow.stdout.readline()
+            if not line:
+                break
+            seen.add(line.split(" ", 1)[0].rsplit("@", 1)[1])
+        assert seen, "the follow printed nothing"
+        assert start(stack, client, app, {}, count=1)["state"] == "succeeded"
+        deadline = time.monotonic() + 60
         while time.monotonic() < deadline and not {"1", "2", "3", "first of 3"} <= seen:
             line = follow.stdout.readline()
             if not line:
