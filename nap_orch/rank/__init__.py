@@ -209,13 +209,14 @@ def wait_launcher(proc: subprocess.Popen, startup: float | None = None) -> int:
             return code if code >= 0 else 128 - code
         except subprocess.TimeoutExpired:
             pass
+        kids = children(proc.pid)  # one look at /proc for both questions
         if startup is not None:
-            if launched(proc.pid):
+            if launched(kids):
                 startup = None
             elif time.monotonic() - began > startup:
                 end_launcher(proc)
                 raise NeverStarted(f"mpirun started no rank within {startup:g} s: its daemons did not report back")
-        statuses = unreaped_children(proc.pid)
+        statuses = unreaped(kids)
         codes = None if statuses is None else [exit_code(st) for st in statuses]
         if codes is None:
             all_ended = None
@@ -257,10 +258,10 @@ def children(pid: int) -> list[tuple[int, list[str]]]:
     return out
 
 
-def launched(pid: int) -> bool:
-    """Whether mpirun ``pid`` runs a process other than its remote shells (``rank.py agent ...``): a
-    rank of its own host."""
-    for child, fields in children(pid):
+def launched(kids: list[tuple[int, list[str]]]) -> bool:
+    """Whether mpirun, whose ``children`` these are, runs a process other than its remote shells
+    (``rank.py agent ...``): a rank of its own host."""
+    for child, fields in kids:
         if fields[0] == "Z":
             continue
         try:
@@ -274,11 +275,11 @@ def launched(pid: int) -> bool:
     return False
 
 
-def unreaped_children(pid: int) -> list[int] | None:
-    """The wait statuses of ``pid``'s children when it has some and every one has ended without being
-    reaped (zombies: ``/proc/<child>/stat`` keeps the status, field 52); None otherwise."""
+def unreaped(kids: list[tuple[int, list[str]]]) -> list[int] | None:
+    """The wait statuses of a process's ``children`` when it has some and every one has ended without
+    being reaped (zombies: ``/proc/<child>/stat`` keeps the status, field 52); None otherwise."""
     statuses = []
-    for _, fields in children(pid):
+    for _, fields in kids:
         if fields[0] != "Z" or len(fields) < 50:
             return None
         statuses.append(int(fields[49]))

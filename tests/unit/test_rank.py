@@ -39,13 +39,13 @@ def test_unreaped_children_are_seen_only_when_every_one_has_ended():
     stuck = subprocess.Popen([sys.executable, "-c", STUCK])
     try:
         deadline = time.monotonic() + 10
-        while (got := rank.unreaped_children(stuck.pid)) is None or len(got) < 2:
+        while (got := rank.unreaped(rank.children(stuck.pid))) is None or len(got) < 2:
             assert time.monotonic() < deadline, got
             time.sleep(0.05)
         assert sorted(rank.exit_code(s) for s in got) == [5, 137]
         time.sleep(0.5)
-        assert rank.unreaped_children(live.pid) is None  # its child runs
-        assert rank.unreaped_children(1 << 30) is None  # no such process, no children
+        assert rank.unreaped(rank.children(live.pid)) is None  # its child runs
+        assert rank.unreaped(rank.children(1 << 30)) is None  # no such process, no children
     finally:
         for p in (live, stuck):
             p.kill()
